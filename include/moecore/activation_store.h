@@ -1,0 +1,61 @@
+// libmoecore — saved slots (DESIGN.md §4).
+// What a forward keeps for its backward lives in named slots, each with a policy:
+//   keep       the tensor stays where it is;
+//   recompute  the tensor is dropped at save time and rebuilt by its regenerate function (which
+//              reads only kept slots or module state) the first time the backward asks for it;
+//   offload    the tensor is copied to pinned host memory at save time and its device copy dropped;
+//              get() (or an earlier prefetch()) copies it back.
+// Switching a policy never changes a bit of any output or gradient: regeneration reruns the same
+// deterministic kernels on the same inputs, and offload copies bytes.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <string>
+
+#include "moecore/tensor.h"
+
+namespace moe {
+
+enum class SavePolicy : uint8_t { keep, recompute, offload };
+const char* save_policy_name(SavePolicy p);
+
+class ActivationStore {
+ public:
+  using Regenerate = std::function<Tensor()>;
+
+  // Policies by slot name ("experts.act_output") or by prefix ending in '.' ("shared_experts.").
+  // The longest matching rule wins; the default is keep.
+  void set_policy(const std::string& slot_or_prefix, SavePolicy policy);
+  SavePolicy policy(const std::string& slot) const;
+
+  // Saves under the slot's policy. `regen` is required for recompute slots.
+  void save(const std::string& slot, const Tensor& t, Regenerate regen = {});
+  bool has(const std::string& slot) const;
+  // The tensor, restored to the device if it was offloaded or dropped.
+  Tensor get(const std::string& slot);
+  void prefetch(const std::string& slot);  // bring an offloaded slot back early (no-op otherwise)
+  void drop(const std::string& slot);      // after its last use
+  void clear();
+
+  // Bytes currently held on the device / in pinned host memory by the slots.
+  int64_t device_bytes() const;
+  int64_t host_bytes() const;
+  // How many tensors were regenerated / copied back since construction (for tests and logs).
+  int64_t regenerations() const { return regenerations_; }
+  int64_t reloads() const { return reloads_; }
+
+ private:
+  struct Slot {
+    SavePolicy policy = SavePolicy::keep;
+    Tensor device;   // kept or restored copy
+    Tensor host;     // offloaded copy
+    Regenerate regen;
+    Device home = Device::cpu();
+  };
+  std::map<std::string, SavePolicy> rules_;
+  std::map<std::string, Slot> slots_;
+  int64_t regenerations_ = 0, reloads_ = 0;
+};
+
+}  // namespace moe

@@ -1,0 +1,59 @@
+// libmoecore — communicators.
+// A Communicator is one process group. Collectives move rows of tensors (dim 0) between the ranks
+// of the group; every rank calls each collective in the same order. Backends: single-rank, MPI
+// (host buffers), NCCL (device buffers on the current stream). Every blocking wait is bounded by
+// MOE_COMM_TIMEOUT_S (default 600 s) and fails with an error naming rank, group, op and phase.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "moecore/tensor.h"
+
+namespace moe {
+
+enum class ReduceOp : uint8_t { sum, max, min };
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  virtual const std::string& name() const = 0;  // the group's name, e.g. "ep"
+  virtual std::string backend_name() const = 0;  // "single", "mpi", "nccl"
+  // Global (world) rank of each member, in group-rank order.
+  virtual std::vector<int> world_ranks() const = 0;
+
+  // In place over all ranks.
+  virtual void all_reduce(Tensor& t, ReduceOp op = ReduceOp::sum) = 0;
+  // out (size·R, ...) = concat over ranks of in (R, ...).
+  virtual void all_gather(const Tensor& in, Tensor& out) = 0;
+  // out (Σ rows, ...) = concat over ranks of in (rows[r], ...); rows has size() entries.
+  virtual void all_gather_v(const Tensor& in, Tensor& out, const std::vector<int64_t>& rows) = 0;
+  // out (R, ...) = this rank's slice of the sum over ranks of in (size·R, ...).
+  virtual void reduce_scatter(const Tensor& in, Tensor& out) = 0;
+  // out (rows[rank], ...) = this rank's slice (row offsets by rows) of the sum over ranks of in.
+  virtual void reduce_scatter_v(const Tensor& in, Tensor& out, const std::vector<int64_t>& rows) = 0;
+  // Sends send_rows[r] consecutive rows of in to rank r; receives recv_rows[r] rows from rank r
+  // into out, in rank order.
+  virtual void all_to_all_v(const Tensor& in, const std::vector<int64_t>& send_rows, Tensor& out,
+                            const std::vector<int64_t>& recv_rows) = 0;
+  virtual void broadcast(Tensor& t, int root) = 0;
+  virtual void barrier() = 0;
+  // Ranks with equal color form a new group, ordered by key then by rank. Collective.
+  virtual std::shared_ptr<Communicator> split(int color, int key, const std::string& name) = 0;
+};
+
+// A group of one: every collective is a copy.
+std::shared_ptr<Communicator> make_single_communicator(const std::string& name = "single");
+
+// The world group over MPI (MPI is initialised on first use and finalised at exit). Throws
+// not_supported when the library was built without MPI.
+std::shared_ptr<Communicator> mpi_world();
+bool mpi_available();
+// World rank/size from MPI when it is initialised or launched under mpirun, else 0/1.
+int world_rank();
+int world_size();
+
+}  // namespace moe

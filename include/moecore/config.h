@@ -1,0 +1,85 @@
+// libmoecore — configuration.
+// Keys are Megatron Core's argument names (underscores); command-line flags are the same names with
+// dashes. Defaults are Megatron's. validate() rejects every inconsistent combination before anything
+// runs, with a message naming the key, the value and what is allowed.
+#pragma once
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace moe {
+
+struct MoEConfig {
+  // ---- model ----
+  int64_t hidden_size = 0;                     // H
+  int64_t num_moe_experts = 0;                 // E
+  int64_t moe_ffn_hidden_size = 0;             // F (per expert)
+  int64_t moe_router_topk = 2;                 // k
+  std::string moe_router_score_function = "softmax";  // softmax | sigmoid | sqrtsoftplus
+  bool moe_router_pre_softmax = false;
+  std::optional<double> moe_router_topk_scaling_factor;
+  std::optional<int64_t> moe_router_num_groups;   // G (group-limited routing)
+  std::optional<int64_t> moe_router_group_topk;   // g
+  bool moe_router_enable_expert_bias = false;     // aux-loss-free balancing (sigmoid/sqrtsoftplus)
+  double moe_router_bias_update_rate = 1e-3;
+  // One or more of aux_loss, seq_aux_loss, global_aux_loss, none; one coefficient per type (a
+  // single coefficient applies to all). JSON accepts a string or a list for both.
+  std::vector<std::string> moe_router_load_balancing_type = {"aux_loss"};
+  std::vector<double> moe_aux_loss_coeff = {0.0};
+  std::optional<double> moe_z_loss_coeff;
+  std::optional<double> moe_input_jitter_eps;
+  std::optional<std::string> moe_router_dtype;  // fp32 | fp64 (unset: the params dtype, widened to fp32 for bf16)
+  std::optional<double> moe_expert_capacity_factor;
+  std::string moe_token_drop_policy = "probs";  // probs | position
+  bool moe_pad_expert_input_to_capacity = false;
+  std::optional<int64_t> moe_shared_expert_intermediate_size;
+  bool moe_shared_expert_gate = false;
+  bool moe_shared_expert_overlap = false;
+  bool gated_linear_unit = false;          // true + silu = swiglu, true + gelu = geglu
+  std::string activation_func = "gelu";    // gelu | silu | relu2 (alias squared_relu)
+  std::string params_dtype = "fp32";       // fp32 | fp64 | bf16
+  uint64_t seed = 1234;
+  double init_method_std = 0.02;
+
+  // ---- parallelism (DESIGN.md §5) ----
+  int64_t tensor_model_parallel_size = 1;
+  int64_t context_parallel_size = 1;
+  int64_t pipeline_model_parallel_size = 1;
+  int64_t expert_model_parallel_size = 1;
+  std::optional<int64_t> expert_tensor_parallel_size;  // unset: tensor_model_parallel_size
+  std::string moe_token_dispatcher_type = "allgather";  // allgather | alltoall
+  bool sequence_parallel = false;  // forced on when TP > 1 (Megatron requires it with MoE)
+  std::string parallel_order = "tp-cp-ep-dp-pp";
+
+  // ---- memory (DESIGN.md §4) ----
+  std::string recompute_granularity;               // "" | selective
+  std::vector<std::string> recompute_modules;      // moe_act | shared_experts | moe
+  bool fine_grained_activation_offloading = false;
+  std::vector<std::string> offload_modules;        // expert_fc1 | moe_act | shared_experts
+
+  // ---- derived helpers ----
+  int64_t etp() const { return expert_tensor_parallel_size.value_or(tensor_model_parallel_size); }
+  int64_t fc1_out_features() const { return gated_linear_unit ? 2 * moe_ffn_hidden_size : moe_ffn_hidden_size; }
+  bool has_shared_expert() const { return moe_shared_expert_intermediate_size.value_or(0) > 0; }
+};
+
+// Parses a JSON object; unknown keys and wrong types are errors naming `source`, the key and the
+// expected type. Does not validate cross-key consistency (call validate()).
+MoEConfig config_from_json(const std::string& json_text, const std::string& source = "<json>");
+MoEConfig load_config(const std::string& path);
+std::string config_to_json(const MoEConfig& config);  // every key, pretty-printed
+
+// Sets one key from its textual value ("--moe-router-topk 4" style: key may use dashes or
+// underscores, with or without leading dashes). Lists are comma-separated. Unknown key: an error
+// that lists the closest known keys.
+void set_config_value(MoEConfig& config, const std::string& key, const std::string& value);
+bool is_config_key(const std::string& key);
+std::vector<std::string> config_keys();
+
+// Throws moe::Error(invalid_argument) on the first inconsistency.
+void validate(const MoEConfig& config);
+// Also checks the parallel sizes against a world size (divisibility, experts % EP, ...).
+void validate_parallel(const MoEConfig& config, int64_t world_size);
+
+}  // namespace moe

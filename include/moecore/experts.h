@@ -1,0 +1,82 @@
+// libmoecore — grouped-GEMM experts (DESIGN.md §7).
+// forward over rows grouped by local expert (per-expert row counts, zeros allowed):
+//   h (N, F1) = x (N, H) · W1[e]ᵀ          fc1, F1 = 2F with a GLU
+//   a (N, F)  = act(h) · prob              activation, then the routing prob
+//   y (N, H)  = a · W2[e]ᵀ                 fc2
+// backward mirrors it: dW2 += dyᵀa, da = dy·W2, (dh, dprob) = act'(...), dW1 += dhᵀx, dx = dh·W1.
+// Weights may be split over ETP: fc1 by output rows (each GLU half alike), fc2 by input columns;
+// F here is the local width and the caller reduces the partial fc2 outputs.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <memory>
+
+#include "moecore/activation_store.h"
+#include "moecore/comm.h"
+#include "moecore/config.h"
+#include "moecore/param.h"
+#include "moecore/tensor.h"
+
+namespace moe {
+
+struct ExpertsSharding {
+  int64_t first_expert = 0;  // canonical index of local expert 0 (EP)
+  int64_t num_local_experts = 0;  // 0: all of config.num_moe_experts
+  int64_t etp_rank = 0, etp_size = 1;  // split of F
+};
+
+class GroupedExperts {
+ public:
+  GroupedExperts(const MoEConfig& config, Device device, ExpertsSharding sharding = {},
+                 const std::string& slot_prefix = "experts.");
+
+  // x (N, H), rows (G) per local expert, probs (N) in the prob dtype → y (N, H).
+  Tensor forward(const Tensor& x, const std::vector<int64_t>& rows, const Tensor& probs, ActivationStore& store);
+  // dy (N, H) → dx (N, H) overwritten, dprobs (N) overwritten; fc1/fc2 grads accumulated.
+  void backward(const Tensor& dy, Tensor& dx, Tensor& dprobs, ActivationStore& store);
+
+  Parameter& fc1() { return fc1_; }  // experts.linear_fc1.weight local (G, F1_local, H)
+  Parameter& fc2() { return fc2_; }  // experts.linear_fc2.weight local (G, H, F_local)
+  int64_t num_local_experts() const { return G_; }
+  int64_t local_ffn() const { return F_; }
+
+ private:
+  MoEConfig config_;
+  Device device_;
+  std::string prefix_;
+  int64_t G_, F_;
+  Parameter fc1_, fc2_;
+  std::vector<int64_t> rows_;  // of the pending forward
+};
+
+// The shared expert: one dense MLP of width moe_shared_expert_intermediate_size over every
+// token, optionally scaled by a sigmoid gate σ(x·w_gᵀ) (DESIGN.md §7). With a TP group it runs like
+// Megatron's sequence-parallel column/row-parallel MLP: all-gather the tokens over TP, fc1 split by
+// output rows, fc2 by input columns, reduce-scatter back to this rank's tokens, then the gate.
+class SharedExperts {
+ public:
+  SharedExperts(const MoEConfig& config, Device device, std::shared_ptr<Communicator> tp = nullptr,
+                const std::string& slot_prefix = "shared_experts.");
+  // x (T, H) this rank's tokens → out (T, H).
+  Tensor forward(const Tensor& x, ActivationStore& store);
+  // dout (T, H); dx (T, H) += input gradient; grads accumulated.
+  void backward(const Tensor& dout, Tensor& dx, ActivationStore& store);
+
+  Parameter& fc1() { return fc1_; }   // shared_experts.linear_fc1.weight (F1s, H), local rows
+  Parameter& fc2() { return fc2_; }   // shared_experts.linear_fc2.weight (H, Fs), local columns
+  Parameter& gate() { return gate_; } // shared_experts.gate_weight (1, H) (undefined without a gate)
+  bool has_gate() const { return has_gate_; }
+
+ private:
+  MoEConfig config_;
+  Device device_;
+  std::shared_ptr<Communicator> tp_;
+  std::string prefix_;
+  int64_t F_;  // local width
+  bool has_gate_;
+  Parameter fc1_, fc2_, gate_;
+};
+
+}  // namespace moe

@@ -1,0 +1,74 @@
+// libmoecore — the top-k router (DESIGN.md §6).
+// forward: x (T, H) → logits (T, E) = x·Wᵀ in the router dtype → scores → (group-limited) top-k →
+// probs, then capacity dropping/padding. Aux, seq-aux, global-aux and z losses are computed in
+// the forward (training only) and their gradients injected in the backward, scaled by the
+// context's loss_scale; they are reported, not added to the model loss.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "moecore/activation_store.h"
+#include "moecore/comm.h"
+#include "moecore/config.h"
+#include "moecore/context.h"
+#include "moecore/param.h"
+#include "moecore/tensor.h"
+
+namespace moe {
+
+// Groups the router reduces over; null members mean a group of one.
+struct RouterGroups {
+  std::shared_ptr<Communicator> tp_cp;     // aux/seq-aux/z loss token counts
+  std::shared_ptr<Communicator> tp_dp_cp;  // global aux loss, expert-bias counts
+};
+
+struct RouterOutput {
+  Tensor probs;        // (T, E) router dtype, zero off the map
+  Tensor routing_map;  // (T, E) u8, after capacity
+  Tensor topk_idx;     // (T, k) i32
+  std::vector<int64_t> tokens_per_expert;  // (E) column sums of routing_map, this rank's tokens
+  double aux_loss = 0;  // Σ over the enabled aux types, with coefficients, summed over TP×CP
+  double z_loss = 0;    // with its coefficient, summed over TP×CP
+  int64_t capacity = 0;  // per-expert capacity (0: dropless)
+};
+
+class Router {
+ public:
+  Router(const MoEConfig& config, Device device, RouterGroups groups = {}, int64_t layer_number = 0);
+
+  // x (T, H) in the params dtype.
+  RouterOutput forward(const Tensor& x, const ForwardContext& ctx, ActivationStore& store);
+  // dprobs (T, E) router dtype. Accumulates weight.grad; dx (T, H) += the router's input gradient.
+  void backward(const Tensor& dprobs, Tensor& dx, ActivationStore& store);
+
+  // Once per optimizer step, after the last micro-batch's backward: all-reduces the expert-bias
+  // token counts over TP×DP×CP and applies b_i += rate·sign(mean(c) − c_i); resets the global aux
+  // loss accumulators. Returns nothing; bias is in expert_bias().value.
+  void finish_step();
+
+  Parameter& weight() { return weight_; }            // router.weight (E, H)
+  Parameter& expert_bias() { return expert_bias_; }  // router.expert_bias (E) f32, not trainable
+  const MoEConfig& config() const { return config_; }
+  DType router_dtype() const { return router_dtype_; }
+
+ private:
+  MoEConfig config_;
+  Device device_;
+  RouterGroups groups_;
+  int64_t layer_number_;
+  DType router_dtype_;
+  Parameter weight_;
+  Parameter expert_bias_;
+  // Expert-bias counts accumulated over the step's micro-batches (E) f64 host.
+  std::vector<double> local_tokens_per_expert_;
+  // global_aux_loss: counts accumulated over the step's micro-batches and their number.
+  std::vector<double> global_tokens_per_expert_;
+  int64_t global_aux_steps_ = 0;
+  // Per-forward state the backward reads (beside the store's slots).
+  struct Pending;
+  std::shared_ptr<Pending> pending_;
+};
+
+}  // namespace moe

@@ -1,0 +1,43 @@
+// The CPU backend's kernels: the readable references every other backend is tested against.
+#pragma once
+#include "kernels/ops.h"
+
+namespace moe {
+
+const KernelTable& cpu_kernel_table();
+const char* cpu_blas_name();
+void cpu_set_num_threads(int n);
+int cpu_num_threads();
+
+// gemm.cpp
+void cpu_gemm(const GemmArgs&, const ExecCtx&);
+void cpu_grouped_gemm(const GroupedGemmArgs&, const ExecCtx&);
+// router.cpp
+void cpu_router_topk(const RouterTopkArgs&, const ExecCtx&);
+void cpu_router_topk_bwd(const RouterTopkBwdArgs&, const ExecCtx&);
+void cpu_aux_stats(const AuxStatsArgs&, const ExecCtx&);
+void cpu_aux_loss_bwd(const AuxLossBwdArgs&, const ExecCtx&);
+void cpu_z_loss_fwd(const ZLossArgs&, const ExecCtx&);
+void cpu_z_loss_bwd(const ZLossArgs&, const ExecCtx&);
+void cpu_capacity(const CapacityArgs&, const ExecCtx&);
+// permute.cpp
+void cpu_routing_counts(const RoutingCountsArgs&, const ExecCtx&);
+void cpu_permute_index(const PermuteIndexArgs&, const ExecCtx&);
+void cpu_permute(const PermuteArgs&, const ExecCtx&);
+void cpu_unpermute(const UnpermuteArgs&, const ExecCtx&);
+void cpu_chunk_sort(const ChunkSortArgs&, const ExecCtx&);
+// activation.cpp
+void cpu_act_fwd(const ActFwdArgs&, const ExecCtx&);
+void cpu_act_bwd(const ActBwdArgs&, const ExecCtx&);
+// elementwise.cpp
+void cpu_axpby(const ElementwiseArgs&, const ExecCtx&);
+void cpu_mul(const ElementwiseArgs&, const ExecCtx&);
+void cpu_unary(const ElementwiseArgs&, const ExecCtx&);
+void cpu_cast(const CastArgs&, const ExecCtx&);
+void cpu_scale_rows(const ScaleRowsArgs&, const ExecCtx&);
+void cpu_row_dot(const RowDotArgs&, const ExecCtx&);
+void cpu_jitter(const JitterArgs&, const ExecCtx&);
+void cpu_mse(const MseArgs&, const ExecCtx&);
+void cpu_adam(const AdamArgs&, const ExecCtx&);
+
+}  // namespace moe

@@ -1,0 +1,331 @@
+// libmoecore — the op contract shared by every backend.
+// One plain Args struct per op; a KernelTable holds one function per op. Pointers in Args point to
+// the backend's memory (device memory on CUDA) unless the field name ends in `_host`. Shapes are in
+// the comment beside each pointer; all tensors are row-major and contiguous. Element counts and
+// offsets are 64-bit (T·k·H may exceed 2^31). Compute is f32 for f32/bf16/f16 storage and f64 for
+// f64 storage ("acc" below). Kernels validate nothing: the Tensor-level wrappers in
+// src/device/ops.cpp check shapes, dtypes and devices before building an Args.
+#pragma once
+#include <cstdint>
+
+#include "moecore/backend.h"
+#include "moecore/dtype.h"
+
+namespace moe {
+
+// Where a kernel runs: the backend and its current stream (cudaStream_t as void* on CUDA).
+struct ExecCtx {
+  Backend* backend = nullptr;
+  void* stream = nullptr;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Dense GEMM: C (M,N) = alpha · op(A) · op(B) + beta · C, op(A) (M,K), op(B) (K,N).
+// A is (M,K) or, with trans_a, (K,M); B is (K,N) or, with trans_b, (N,K). dtype: f32, f64, bf16.
+struct GemmArgs {
+  DType dtype = DType::f32;
+  bool trans_a = false, trans_b = false;
+  int64_t M = 0, N = 0, K = 0;
+  const void* A = nullptr;
+  const void* B = nullptr;
+  void* C = nullptr;
+  double alpha = 1.0, beta = 0.0;
+};
+
+// Grouped GEMM over G groups of rows (the local experts). Row counts m_g may be zero.
+// rows_host (G) is always given; rows_device (G) i64 is given on CUDA when available.
+//   fwd:   C_g (m_g, N) = A_g (m_g, K) · B_g^T        A (M,K), B (G,N,K), C (M,N)      y  = x W^T
+//   dgrad: C_g (m_g, K) = A_g (m_g, N) · B_g          A (M,N), B (G,N,K), C (M,K)      dx = dy W
+//   wgrad: C_g (N, K) = A_g^T (N, m_g) · B_g (m_g, K) A (M,N), B (M,K), C (G,N,K)      dW = dy^T x
+// with M = Σ m_g. `accumulate` adds into C instead of overwriting (wgrad: a group with m_g = 0
+// then leaves C_g unchanged; without accumulate it is zeroed).
+enum class GroupedGemmMode : uint8_t { fwd, dgrad, wgrad };
+struct GroupedGemmArgs {
+  DType dtype = DType::f32;
+  GroupedGemmMode mode = GroupedGemmMode::fwd;
+  int64_t G = 0, M = 0, N = 0, K = 0;
+  const int64_t* rows_host = nullptr;    // (G) host
+  const int64_t* rows_device = nullptr;  // (G) device, optional
+  const void* A = nullptr;
+  const void* B = nullptr;
+  void* C = nullptr;
+  bool accumulate = false;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Router: scores, group-limited top-k, probabilities (DESIGN.md §6). `dtype` is the router dtype of
+// logits and probs: f32 or f64. Ties in top-k go to the lower expert index.
+enum class ScoreFunction : uint8_t { softmax, sigmoid, sqrtsoftplus };
+
+struct RouterTopkArgs {
+  DType dtype = DType::f32;
+  int64_t T = 0, E = 0, k = 0;
+  ScoreFunction score = ScoreFunction::softmax;
+  bool pre_softmax = false;
+  int64_t num_groups = 0, group_topk = 0;  // 0: no group limit
+  double scaling_factor = 1.0;
+  const void* logits = nullptr;       // (T, E) dtype
+  const float* expert_bias = nullptr;  // (E) f32 or null; sigmoid/sqrtsoftplus only, selection only
+  void* probs = nullptr;               // (T, E) dtype out, zero off the map
+  uint8_t* routing_map = nullptr;      // (T, E) u8 out
+  int32_t* topk_idx = nullptr;         // (T, k) i32 out, in selection order
+};
+
+// dlogits (+)= d probs / d logits applied to dprobs, reading dprobs only at (t, topk_idx[t, j])
+// where routing_map is set (a dropped selection carries no gradient). Scores are recomputed from
+// logits; the expert bias only selected, so it needs no gradient.
+struct RouterTopkBwdArgs {
+  DType dtype = DType::f32;
+  int64_t T = 0, E = 0, k = 0;
+  ScoreFunction score = ScoreFunction::softmax;
+  bool pre_softmax = false;
+  double scaling_factor = 1.0;
+  const void* logits = nullptr;          // (T, E) dtype
+  const int32_t* topk_idx = nullptr;     // (T, k) i32
+  const uint8_t* routing_map = nullptr;  // (T, E) u8, final (after capacity)
+  const void* dprobs = nullptr;          // (T, E) dtype
+  void* dlogits = nullptr;               // (T, E) dtype
+  bool accumulate = false;
+};
+
+// Load-balancing statistics for the aux losses. p̂ = softmax(l) (softmax) or σ(l)/(Σσ(l)+1e-20)
+// (sigmoid; sqrtsoftplus uses sqrt(softplus(l)) in place of σ). Token t belongs to sequence
+// t % num_seqs (tokens are flattened s·B + b). Outputs (overwritten):
+//   prob_sum (num_seqs, E) f64 = Σ_{t in seq} p̂(t, :)
+//   counts   (num_seqs, E) i64 = Σ_{t in seq} topk_map(t, :) with topk_map a plain top-k over p̂
+struct AuxStatsArgs {
+  DType dtype = DType::f32;
+  int64_t T = 0, E = 0, k = 0, num_seqs = 1;
+  ScoreFunction score = ScoreFunction::softmax;
+  const void* logits = nullptr;  // (T, E) dtype
+  double* prob_sum = nullptr;    // (num_seqs, E) f64
+  int64_t* counts = nullptr;     // (num_seqs, E) i64
+};
+// dlogits(t, :) += J_p̂(t)^T · weight(t % num_seqs, :), the aux loss gradient when weight carries
+// coeff·scale·E/(k·T²)·c (already divided by the batch for seq_aux_loss).
+struct AuxLossBwdArgs {
+  DType dtype = DType::f32;
+  int64_t T = 0, E = 0, num_seqs = 1;
+  ScoreFunction score = ScoreFunction::softmax;
+  const void* logits = nullptr;  // (T, E) dtype
+  const double* weight = nullptr;  // (num_seqs, E) f64
+  void* dlogits = nullptr;       // (T, E) dtype, accumulated
+};
+// z-loss: sum_out[0] = Σ_t logsumexp(l_t)² (f64, overwritten). Backward: dlogits(t,:) +=
+// coef · 2·lse(l_t)·softmax(l_t) with coef = coeff·scale/T_total supplied by the caller.
+struct ZLossArgs {
+  DType dtype = DType::f32;
+  int64_t T = 0, E = 0;
+  const void* logits = nullptr;  // (T, E) dtype
+  double* sum_out = nullptr;     // (1) f64, forward
+  void* dlogits = nullptr;       // (T, E) dtype, backward, accumulated
+  double coef = 0.0;             // backward
+};
+
+// Capacity (DESIGN.md §6), in place on probs and routing_map, per expert column:
+//   policy probs:    keep the `capacity` routed tokens with the largest probs (ties: lower token)
+//   policy position: keep the earliest `capacity` routed tokens
+//   pad:             then fill the column to exactly `capacity` rows with the earliest tokens not
+//                    yet kept; their probs are zero (the map gains them, the probs stay 0)
+// Dropped entries get map 0 and prob 0. capacity >= T keeps everything (and pads to T).
+enum class DropPolicy : uint8_t { probs, position };
+struct CapacityArgs {
+  DType dtype = DType::f32;  // of probs
+  int64_t T = 0, E = 0, capacity = 0;
+  DropPolicy policy = DropPolicy::probs;
+  bool pad = false;
+  void* probs = nullptr;         // (T, E) dtype, in/out
+  uint8_t* routing_map = nullptr;  // (T, E) u8, in/out
+};
+
+// ---------------------------------------------------------------------------------------------
+// Permutation (DESIGN.md §7). Rows are expert-major, token index ascending within an expert.
+// routing_counts: counts (E) i64 = column sums of the map.
+struct RoutingCountsArgs {
+  int64_t T = 0, E = 0;
+  const uint8_t* routing_map = nullptr;  // (T, E) u8
+  int64_t* counts = nullptr;             // (E) i64 out
+};
+// permute_index: row_id_map (T, E) i32 = the permuted row of (t, e), or -1 when unrouted.
+// expert_offsets_host (E) = exclusive prefix sum of the counts.
+struct PermuteIndexArgs {
+  int64_t T = 0, E = 0;
+  const uint8_t* routing_map = nullptr;        // (T, E) u8
+  const int64_t* expert_offsets_host = nullptr;  // (E) host
+  const int64_t* expert_offsets = nullptr;       // (E) device copy (CUDA), optional
+  int32_t* row_id_map = nullptr;               // (T, E) i32 out
+};
+// permute: out[row(t,e)] = in[t]; out_probs[row(t,e)] = probs[t, e] when probs are given.
+// Every row of `out` (N rows) is written exactly once.
+struct PermuteArgs {
+  DType dtype = DType::f32;       // of in/out rows
+  DType prob_dtype = DType::f32;  // of probs/out_probs
+  int64_t T = 0, E = 0, H = 0, N = 0;
+  const int32_t* row_id_map = nullptr;  // (T, E) i32
+  const void* in = nullptr;             // (T, H) dtype
+  void* out = nullptr;                  // (N, H) dtype
+  const void* probs = nullptr;          // (T, E) prob_dtype, optional
+  void* out_probs = nullptr;            // (N) prob_dtype, optional
+};
+// unpermute: out[t] = Σ_e w(t,e) · in[row(t,e)] over routed e, in expert order, with w = row_weights
+// at that row when given, else 1 (a token with no routed expert gets zeros). The mirror of permute:
+// it is permute's backward and permute is its backward. When `probs_grad` is given it also writes
+// probs_grad[t, e] = row_values[row(t,e)] for routed (t, e) and 0 elsewhere (the dprobs scatter).
+struct UnpermuteArgs {
+  DType dtype = DType::f32;
+  DType prob_dtype = DType::f32;
+  int64_t T = 0, E = 0, H = 0, N = 0;
+  const int32_t* row_id_map = nullptr;  // (T, E) i32
+  const void* in = nullptr;             // (N, H) dtype, may be null when only scattering probs
+  void* out = nullptr;                  // (T, H) dtype
+  const void* row_weights = nullptr;    // (N) prob_dtype, optional
+  const void* row_values = nullptr;     // (N) prob_dtype, optional (with probs_grad)
+  void* probs_grad = nullptr;           // (T, E) prob_dtype, optional
+};
+// chunk_sort: the input rows are `num_chunks` consecutive chunks of split_sizes_host rows; the
+// output is the chunks concatenated in the order sorted_idxs_host (a permutation). The optional
+// probs (N) travel the same way.
+struct ChunkSortArgs {
+  DType dtype = DType::f32;
+  DType prob_dtype = DType::f32;
+  int64_t num_chunks = 0, N = 0, H = 0;
+  const int64_t* split_sizes_host = nullptr;  // (num_chunks)
+  const int64_t* sorted_idxs_host = nullptr;  // (num_chunks)
+  const void* in = nullptr;                   // (N, H)
+  void* out = nullptr;                        // (N, H)
+  const void* probs = nullptr;                // (N) optional
+  void* out_probs = nullptr;                  // (N) optional
+};
+
+// ---------------------------------------------------------------------------------------------
+// Activations with the prob multiply (DESIGN.md §7). With glu the input row is [a | b] (F each):
+// out = act(a) · b · s; without, out = act(x) · s. s = row_scale[r] when given, else 1.
+//   silu(x) = x·σ(x); gelu(x) = x·Φ(x) (erf form, PyTorch's default); relu2(x) = max(x,0)²
+enum class Activation : uint8_t { silu, gelu, relu2 };
+struct ActFwdArgs {
+  DType dtype = DType::f32;
+  DType scale_dtype = DType::f32;
+  Activation act = Activation::silu;
+  bool glu = false;
+  int64_t rows = 0, F = 0;
+  const void* in = nullptr;         // (rows, glu ? 2F : F)
+  const void* row_scale = nullptr;  // (rows) scale_dtype, optional
+  void* out = nullptr;              // (rows, F)
+};
+// din = ∂out/∂in · dout (overwritten); drow_scale[r] = Σ_f dout·out/s (= dout·act(...)) when given.
+struct ActBwdArgs {
+  DType dtype = DType::f32;
+  DType scale_dtype = DType::f32;
+  Activation act = Activation::silu;
+  bool glu = false;
+  int64_t rows = 0, F = 0;
+  const void* in = nullptr;         // (rows, glu ? 2F : F)
+  const void* row_scale = nullptr;  // (rows) optional
+  const void* dout = nullptr;       // (rows, F)
+  void* din = nullptr;              // (rows, glu ? 2F : F)
+  void* drow_scale = nullptr;       // (rows) scale_dtype, optional
+};
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise and small helpers. n elements; all of one dtype unless said.
+enum class UnaryOp : uint8_t { sigmoid, sigmoid_bwd };  // sigmoid_bwd: out = x · y · (1 − y)
+struct ElementwiseArgs {
+  DType dtype = DType::f32;
+  UnaryOp op = UnaryOp::sigmoid;  // unary only
+  int64_t n = 0;
+  // axpby: y = a·x + b·y            (x, y)
+  // mul:   out = x · y              (x, y, out)
+  // sigmoid: out = σ(x)             (x, out)
+  // sigmoid_bwd: out = x · y·(1−y)  (x = upstream grad, y = σ output, out)
+  const void* x = nullptr;
+  void* y = nullptr;
+  void* out = nullptr;
+  double a = 1.0, b = 0.0;
+};
+struct CastArgs {
+  DType src_dtype = DType::f32, dst_dtype = DType::f32;
+  int64_t n = 0;
+  const void* src = nullptr;
+  void* dst = nullptr;
+};
+// out[r, :] = in[r, :] · scale[r] (+ out when accumulate).  scale in scale_dtype.
+struct ScaleRowsArgs {
+  DType dtype = DType::f32;
+  DType scale_dtype = DType::f32;
+  int64_t rows = 0, H = 0;
+  const void* in = nullptr;     // (rows, H)
+  const void* scale = nullptr;  // (rows)
+  void* out = nullptr;          // (rows, H)
+  bool accumulate = false;
+};
+// out[r] = Σ_h a[r,h]·b[r,h]   (out in out_dtype)
+struct RowDotArgs {
+  DType dtype = DType::f32;
+  DType out_dtype = DType::f32;
+  int64_t rows = 0, H = 0;
+  const void* a = nullptr;  // (rows, H)
+  const void* b = nullptr;  // (rows, H)
+  void* out = nullptr;      // (rows)
+};
+// Input jitter noise, a pure function of (key, element index): out[i] ∈ [1−eps, 1+eps), the same
+// bits on every backend (a counter-based hash, see kernels/common/rng.h).
+struct JitterArgs {
+  DType dtype = DType::f32;
+  int64_t n = 0;
+  uint64_t key = 0;
+  double eps = 0.0;
+  void* out = nullptr;  // (n)
+};
+// Mean-squared error against a target: sum_out[0] = Σ (y − t)²  (f64); dy = scale · 2 (y − t).
+struct MseArgs {
+  DType dtype = DType::f32;
+  int64_t n = 0;
+  const void* y = nullptr;
+  const void* target = nullptr;
+  double* sum_out = nullptr;  // (1) f64
+  void* dy = nullptr;         // (n) optional
+  double scale = 1.0;
+};
+// Adam(W) on f32 master parameters: m = b1 m + (1−b1) g; v = b2 v + (1−b2) g²;
+// p −= lr · (m/(1−b1^t)) / (sqrt(v/(1−b2^t)) + eps) + lr · wd · p.
+struct AdamArgs {
+  int64_t n = 0;
+  float* param = nullptr;
+  const float* grad = nullptr;
+  float* m = nullptr;
+  float* v = nullptr;
+  double lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0;
+  int64_t step = 1;
+};
+
+// ---------------------------------------------------------------------------------------------
+// One function per op. A null entry means the backend lacks the op (the wrapper says so).
+struct KernelTable {
+  void (*gemm)(const GemmArgs&, const ExecCtx&) = nullptr;
+  void (*grouped_gemm)(const GroupedGemmArgs&, const ExecCtx&) = nullptr;
+  void (*router_topk)(const RouterTopkArgs&, const ExecCtx&) = nullptr;
+  void (*router_topk_bwd)(const RouterTopkBwdArgs&, const ExecCtx&) = nullptr;
+  void (*aux_stats)(const AuxStatsArgs&, const ExecCtx&) = nullptr;
+  void (*aux_loss_bwd)(const AuxLossBwdArgs&, const ExecCtx&) = nullptr;
+  void (*z_loss_fwd)(const ZLossArgs&, const ExecCtx&) = nullptr;
+  void (*z_loss_bwd)(const ZLossArgs&, const ExecCtx&) = nullptr;
+  void (*capacity)(const CapacityArgs&, const ExecCtx&) = nullptr;
+  void (*routing_counts)(const RoutingCountsArgs&, const ExecCtx&) = nullptr;
+  void (*permute_index)(const PermuteIndexArgs&, const ExecCtx&) = nullptr;
+  void (*permute)(const PermuteArgs&, const ExecCtx&) = nullptr;
+  void (*unpermute)(const UnpermuteArgs&, const ExecCtx&) = nullptr;
+  void (*chunk_sort)(const ChunkSortArgs&, const ExecCtx&) = nullptr;
+  void (*act_fwd)(const ActFwdArgs&, const ExecCtx&) = nullptr;
+  void (*act_bwd)(const ActBwdArgs&, const ExecCtx&) = nullptr;
+  void (*axpby)(const ElementwiseArgs&, const ExecCtx&) = nullptr;
+  void (*mul)(const ElementwiseArgs&, const ExecCtx&) = nullptr;
+  void (*unary)(const ElementwiseArgs&, const ExecCtx&) = nullptr;
+  void (*cast)(const CastArgs&, const ExecCtx&) = nullptr;
+  void (*scale_rows)(const ScaleRowsArgs&, const ExecCtx&) = nullptr;
+  void (*row_dot)(const RowDotArgs&, const ExecCtx&) = nullptr;
+  void (*jitter)(const JitterArgs&, const ExecCtx&) = nullptr;
+  void (*mse)(const MseArgs&, const ExecCtx&) = nullptr;
+  void (*adam)(const AdamArgs&, const ExecCtx&) = nullptr;
+};
+
+}  // namespace moe

@@ -1,0 +1,174 @@
+#include "moecore/tensor.h"
+
+#include <cstring>
+#include <sstream>
+
+#include "moecore/backend.h"
+
+namespace moe {
+
+std::string Device::str() const {
+  return type == DeviceType::cpu ? std::string("cpu") : "cuda:" + std::to_string(index);
+}
+
+std::string shape_str(const Shape& shape) {
+  std::ostringstream os;
+  os << "(";
+  for (size_t i = 0; i < shape.size(); ++i) os << (i ? ", " : "") << shape[i];
+  if (shape.size() == 1) os << ",";
+  os << ")";
+  return os.str();
+}
+
+int64_t shape_numel(const Shape& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) {
+    MOE_CHECK(d >= 0, "shape ", shape_str(shape), " has a negative dimension");
+    n *= d;
+  }
+  return n;
+}
+
+Storage::Storage(Device device, MemoryKind kind, size_t bytes) : device_(device), kind_(kind), bytes_(bytes) {
+  if (bytes_ > 0) ptr_ = get_backend(device_).allocate(bytes_, kind_);
+}
+
+Storage::~Storage() {
+  if (ptr_) get_backend(device_).deallocate(ptr_, bytes_, kind_);
+}
+
+Tensor Tensor::empty(const Shape& shape, DType dtype, Device device, MemoryKind kind) {
+  Tensor t;
+  t.shape_ = shape;
+  t.numel_ = shape_numel(shape);
+  t.dtype_ = dtype;
+  t.storage_ = std::make_shared<Storage>(device, kind, t.nbytes());
+  return t;
+}
+
+Tensor Tensor::zeros(const Shape& shape, DType dtype, Device device, MemoryKind kind) {
+  Tensor t = empty(shape, dtype, device, kind);
+  t.zero_();
+  return t;
+}
+
+int64_t Tensor::size(int64_t dim) const {
+  int64_t n = ndim();
+  int64_t d = dim < 0 ? dim + n : dim;
+  MOE_CHECK(d >= 0 && d < n, "Tensor::size: dim ", dim, " out of range for ", desc());
+  return shape_[static_cast<size_t>(d)];
+}
+
+Device Tensor::device() const { return storage_ ? storage_->device() : Device::cpu(); }
+MemoryKind Tensor::memory_kind() const { return storage_ ? storage_->kind() : MemoryKind::device; }
+
+std::string Tensor::desc() const {
+  if (!defined()) return "<undefined tensor>";
+  std::string s = shape_str(shape_) + " " + dtype_name(dtype_) + " " + device().str();
+  if (memory_kind() == MemoryKind::pinned_host) s += " (pinned host)";
+  return s;
+}
+
+void* Tensor::data() const {
+  MOE_CHECK(defined(), "Tensor::data on an undefined tensor");
+  if (!storage_->data()) return nullptr;
+  return static_cast<char*>(storage_->data()) + offset_;
+}
+
+Tensor Tensor::view(const Shape& shape) const {
+  MOE_CHECK(defined(), "Tensor::view on an undefined tensor");
+  MOE_CHECK(shape_numel(shape) == numel_, "Tensor::view: cannot view ", desc(), " as ", shape_str(shape),
+            " (", numel_, " vs ", shape_numel(shape), " elements)");
+  Tensor t = *this;
+  t.shape_ = shape;
+  return t;
+}
+
+Tensor Tensor::narrow(int64_t start, int64_t length) const {
+  MOE_CHECK(defined() && ndim() >= 1, "Tensor::narrow needs a tensor with at least one dim, got ", desc());
+  MOE_CHECK(start >= 0 && length >= 0 && start + length <= shape_[0], "Tensor::narrow: rows [", start, ", ",
+            start + length, ") out of range for ", desc());
+  int64_t row = numel_ / (shape_[0] == 0 ? 1 : shape_[0]);
+  if (shape_[0] == 0) row = 0;
+  Tensor t = *this;
+  t.shape_[0] = length;
+  t.numel_ = row * length;
+  t.offset_ = offset_ + static_cast<size_t>(start * row) * dtype_size(dtype_);
+  return t;
+}
+
+namespace {
+bool on_host(const Tensor& t) { return t.device().is_cpu() || t.memory_kind() == MemoryKind::pinned_host; }
+}  // namespace
+
+void Tensor::copy_from(const Tensor& src) {
+  MOE_CHECK(defined() && src.defined(), "Tensor::copy_from: undefined tensor");
+  MOE_CHECK(src.dtype_ == dtype_ && src.numel_ == numel_, "Tensor::copy_from: expected ", desc(),
+            "-compatible source (same dtype and element count), got ", src.desc());
+  size_t bytes = nbytes();
+  if (bytes == 0) return;
+  bool dh = on_host(*this), sh = on_host(src);
+  if (dh && sh && device().is_cpu() && src.device().is_cpu()) {
+    std::memmove(data(), src.data(), bytes);
+    return;
+  }
+  Device dev = !device().is_cpu() ? device() : src.device();
+  CopyKind kind = dh ? (sh ? CopyKind::host_to_host : CopyKind::device_to_host)
+                     : (sh ? CopyKind::host_to_device : CopyKind::device_to_device);
+  get_backend(dev).copy(data(), src.data(), bytes, kind);
+}
+
+void Tensor::copy_from_host(const void* src, size_t bytes) {
+  MOE_CHECK(bytes == nbytes(), "Tensor::copy_from_host: expected ", nbytes(), " bytes for ", desc(), ", got ", bytes);
+  if (bytes == 0) return;
+  if (on_host(*this) && device().is_cpu()) {
+    std::memcpy(data(), src, bytes);
+    return;
+  }
+  get_backend(device()).copy(data(), src, bytes, on_host(*this) ? CopyKind::host_to_host : CopyKind::host_to_device);
+}
+
+void Tensor::copy_to_host(void* dst, size_t bytes) const {
+  MOE_CHECK(bytes == nbytes(), "Tensor::copy_to_host: expected ", nbytes(), " bytes for ", desc(), ", got ", bytes);
+  if (bytes == 0) return;
+  if (device().is_cpu()) {
+    std::memcpy(dst, data(), bytes);
+    return;
+  }
+  Backend& b = get_backend(device());
+  b.copy(dst, data(), bytes, on_host(*this) ? CopyKind::host_to_host : CopyKind::device_to_host);
+  b.current_stream().synchronize();
+}
+
+void Tensor::zero_() {
+  MOE_CHECK(defined(), "Tensor::zero_ on an undefined tensor");
+  if (nbytes() == 0) return;
+  if (device().is_cpu() || memory_kind() == MemoryKind::pinned_host) {
+    if (!device().is_cpu()) get_backend(device()).current_stream().synchronize();
+    std::memset(data(), 0, nbytes());
+    return;
+  }
+  get_backend(device()).memset_zero(data(), nbytes());
+}
+
+Tensor Tensor::to(Device device, MemoryKind kind) const {
+  Tensor t = empty(shape_, dtype_, device, kind);
+  t.copy_from(*this);
+  return t;
+}
+
+Tensor Tensor::clone() const { return to(device(), memory_kind()); }
+
+void Tensor::check_dtype(DType expected, const char* where) const {
+  MOE_CHECK(defined(), where, ": undefined tensor");
+  MOE_CHECK(dtype_ == expected, where, ": expected dtype ", dtype_name(expected), ", got ", desc());
+}
+
+void Tensor::check_shape(const Shape& expected, const char* what) const {
+  MOE_CHECK(defined(), what, ": undefined tensor, expected shape ", shape_str(expected));
+  MOE_CHECK(shape_ == expected, what, ": expected shape ", shape_str(expected), ", got ", desc());
+}
+
+size_t Tensor::storage_bytes() const { return storage_ ? storage_->bytes() : 0; }
+
+}  // namespace moe

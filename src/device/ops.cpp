@@ -1,0 +1,708 @@
+#include "device/ops.h"
+
+#include "moecore/backend.h"
+
+namespace moe::ops {
+
+namespace {
+
+const KernelTable& table(Device d) { return get_backend(d).kernels(); }
+
+template <class Fn>
+Fn need(Fn fn, Device d, const char* op) {
+  MOE_CHECK_CODE(fn != nullptr, ErrorCode::not_supported, op, ": backend ", get_backend(d).name(),
+                 " has no kernel for this op");
+  return fn;
+}
+
+void same_device(const char* op, const Tensor& ref, std::initializer_list<const Tensor*> others) {
+  for (const Tensor* t : others) {
+    if (!t || !t->defined()) continue;
+    MOE_CHECK(t->device() == ref.device(), op, ": all tensors must be on ", ref.device().str(), ", got ",
+              t->desc());
+  }
+}
+
+void need_defined(const char* op, const char* name, const Tensor& t) {
+  MOE_CHECK(t.defined(), op, ": tensor '", name, "' is undefined");
+}
+
+void need_float(const char* op, const char* name, const Tensor& t) {
+  need_defined(op, name, t);
+  MOE_CHECK(dtype_is_float(t.dtype()), op, ": '", name, "' must be a float tensor, got ", t.desc());
+}
+
+void need_router_dtype(const char* op, const Tensor& t) {
+  MOE_CHECK(t.dtype() == DType::f32 || t.dtype() == DType::f64, op,
+            ": router tensors must be f32 or f64, got ", t.desc());
+}
+
+void need_2d(const char* op, const char* name, const Tensor& t) {
+  need_defined(op, name, t);
+  MOE_CHECK(t.ndim() == 2, op, ": '", name, "' must be 2-D, got ", t.desc());
+}
+
+}  // namespace
+
+ExecCtx exec_ctx(Device device) {
+  Backend& b = get_backend(device);
+  return ExecCtx{&b, b.current_stream().native_handle()};
+}
+
+void gemm(const Tensor& A, bool ta, const Tensor& B, bool tb, Tensor& C, double alpha, double beta) {
+  const char* op = "gemm";
+  need_2d(op, "A", A);
+  need_2d(op, "B", B);
+  need_2d(op, "C", C);
+  need_float(op, "A", A);
+  MOE_CHECK(A.dtype() == B.dtype() && A.dtype() == C.dtype(), op, ": dtypes differ: A ", A.desc(), ", B ",
+            B.desc(), ", C ", C.desc());
+  same_device(op, A, {&B, &C});
+  int64_t M = ta ? A.size(1) : A.size(0), K = ta ? A.size(0) : A.size(1);
+  int64_t Kb = tb ? B.size(1) : B.size(0), N = tb ? B.size(0) : B.size(1);
+  MOE_CHECK(K == Kb, op, ": inner dimensions differ: op(A) is (", M, ", ", K, "), op(B) is (", Kb, ", ", N, ")");
+  C.check_shape({M, N}, "gemm: C");
+  GemmArgs a;
+  a.dtype = A.dtype();
+  a.trans_a = ta;
+  a.trans_b = tb;
+  a.M = M;
+  a.N = N;
+  a.K = K;
+  a.A = A.data();
+  a.B = B.data();
+  a.C = C.data();
+  a.alpha = alpha;
+  a.beta = beta;
+  need(table(A.device()).gemm, A.device(), op)(a, exec_ctx(A.device()));
+}
+
+Tensor matmul(const Tensor& A, bool ta, const Tensor& B, bool tb) {
+  need_2d("matmul", "A", A);
+  need_2d("matmul", "B", B);
+  Tensor C = Tensor::empty({ta ? A.size(1) : A.size(0), tb ? B.size(0) : B.size(1)}, A.dtype(), A.device());
+  gemm(A, ta, B, tb, C, 1.0, 0.0);
+  return C;
+}
+
+void grouped_gemm(GroupedGemmMode mode, const Tensor& A, const Tensor& B, Tensor& C,
+                  const std::vector<int64_t>& rows, bool accumulate, const Tensor* rows_device) {
+  const char* op = "grouped_gemm";
+  need_2d(op, "A", A);
+  need_float(op, "A", A);
+  MOE_CHECK(A.dtype() == B.dtype() && A.dtype() == C.dtype(), op, ": dtypes differ: A ", A.desc(), ", B ",
+            B.desc(), ", C ", C.desc());
+  same_device(op, A, {&B, &C, rows_device});
+  int64_t G = static_cast<int64_t>(rows.size());
+  int64_t M = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    MOE_CHECK(rows[g] >= 0, op, ": group ", g, " has a negative row count ", rows[g]);
+    M += rows[g];
+  }
+  MOE_CHECK(A.size(0) == M, op, ": A has ", A.size(0), " rows but the group row counts sum to ", M);
+  int64_t N = 0, K = 0;
+  switch (mode) {
+    case GroupedGemmMode::fwd:
+    case GroupedGemmMode::dgrad:
+      MOE_CHECK(B.ndim() == 3 && B.size(0) == G, op, ": B must be (G=", G, ", N, K), got ", B.desc());
+      N = B.size(1);
+      K = B.size(2);
+      if (mode == GroupedGemmMode::fwd) {
+        A.check_shape({M, K}, "grouped_gemm fwd: A");
+        C.check_shape({M, N}, "grouped_gemm fwd: C");
+      } else {
+        A.check_shape({M, N}, "grouped_gemm dgrad: A");
+        C.check_shape({M, K}, "grouped_gemm dgrad: C");
+      }
+      break;
+    case GroupedGemmMode::wgrad:
+      need_2d(op, "B", B);
+      MOE_CHECK(B.size(0) == M, op, " wgrad: B must have ", M, " rows, got ", B.desc());
+      N = A.size(1);
+      K = B.size(1);
+      C.check_shape({G, N, K}, "grouped_gemm wgrad: C");
+      break;
+  }
+  if (rows_device) rows_device->check_shape({G}, "grouped_gemm: rows_device");
+  GroupedGemmArgs a;
+  a.dtype = A.dtype();
+  a.mode = mode;
+  a.G = G;
+  a.M = M;
+  a.N = N;
+  a.K = K;
+  a.rows_host = rows.data();
+  a.rows_device = rows_device ? rows_device->data_as<int64_t>() : nullptr;
+  a.A = A.data();
+  a.B = B.data();
+  a.C = C.data();
+  a.accumulate = accumulate;
+  need(table(A.device()).grouped_gemm, A.device(), op)(a, exec_ctx(A.device()));
+}
+
+namespace {
+void check_topk_spec(const char* op, const TopkSpec& s, int64_t E) {
+  MOE_CHECK(s.k >= 1 && s.k <= E, op, ": topk must be in [1, ", E, "], got ", s.k);
+  if (s.num_groups > 0) {
+    MOE_CHECK(E % s.num_groups == 0, op, ": ", E, " experts not divisible into ", s.num_groups, " groups");
+    MOE_CHECK(s.group_topk >= 1 && s.group_topk <= s.num_groups, op, ": group_topk must be in [1, ",
+              s.num_groups, "], got ", s.group_topk);
+    MOE_CHECK(s.k % s.group_topk == 0, op, ": topk ", s.k, " must be divisible by group_topk ", s.group_topk);
+    MOE_CHECK(s.k <= s.group_topk * (E / s.num_groups), op, ": topk ", s.k, " exceeds the ",
+              s.group_topk * (E / s.num_groups), " experts in the selected groups");
+  }
+}
+}  // namespace
+
+void router_topk(const TopkSpec& s, const Tensor& logits, const Tensor* bias, Tensor& probs, Tensor& map,
+                 Tensor& idx) {
+  const char* op = "router_topk";
+  need_2d(op, "logits", logits);
+  need_router_dtype(op, logits);
+  int64_t T = logits.size(0), E = logits.size(1);
+  check_topk_spec(op, s, E);
+  probs.check_shape({T, E}, "router_topk: probs");
+  probs.check_dtype(logits.dtype(), "router_topk: probs");
+  map.check_shape({T, E}, "router_topk: routing_map");
+  map.check_dtype(DType::u8, "router_topk: routing_map");
+  idx.check_shape({T, s.k}, "router_topk: topk_idx");
+  idx.check_dtype(DType::i32, "router_topk: topk_idx");
+  if (bias && bias->defined()) {
+    bias->check_shape({E}, "router_topk: expert_bias");
+    bias->check_dtype(DType::f32, "router_topk: expert_bias");
+  }
+  same_device(op, logits, {&probs, &map, &idx, bias});
+  RouterTopkArgs a;
+  a.dtype = logits.dtype();
+  a.T = T;
+  a.E = E;
+  a.k = s.k;
+  a.score = s.score;
+  a.pre_softmax = s.pre_softmax;
+  a.num_groups = s.num_groups;
+  a.group_topk = s.group_topk;
+  a.scaling_factor = s.scaling_factor;
+  a.logits = logits.data();
+  a.expert_bias = (bias && bias->defined()) ? bias->data_as<float>() : nullptr;
+  a.probs = probs.data();
+  a.routing_map = map.data_as<uint8_t>();
+  a.topk_idx = idx.data_as<int32_t>();
+  need(table(logits.device()).router_topk, logits.device(), op)(a, exec_ctx(logits.device()));
+}
+
+void router_topk_bwd(const TopkSpec& s, const Tensor& logits, const Tensor& idx, const Tensor& map,
+                     const Tensor& dprobs, Tensor& dlogits, bool accumulate) {
+  const char* op = "router_topk_bwd";
+  need_2d(op, "logits", logits);
+  need_router_dtype(op, logits);
+  int64_t T = logits.size(0), E = logits.size(1);
+  idx.check_shape({T, s.k}, "router_topk_bwd: topk_idx");
+  idx.check_dtype(DType::i32, "router_topk_bwd: topk_idx");
+  map.check_shape({T, E}, "router_topk_bwd: routing_map");
+  map.check_dtype(DType::u8, "router_topk_bwd: routing_map");
+  dprobs.check_shape({T, E}, "router_topk_bwd: dprobs");
+  dprobs.check_dtype(logits.dtype(), "router_topk_bwd: dprobs");
+  dlogits.check_shape({T, E}, "router_topk_bwd: dlogits");
+  dlogits.check_dtype(logits.dtype(), "router_topk_bwd: dlogits");
+  same_device(op, logits, {&idx, &map, &dprobs, &dlogits});
+  RouterTopkBwdArgs a;
+  a.dtype = logits.dtype();
+  a.T = T;
+  a.E = E;
+  a.k = s.k;
+  a.score = s.score;
+  a.pre_softmax = s.pre_softmax;
+  a.scaling_factor = s.scaling_factor;
+  a.logits = logits.data();
+  a.topk_idx = idx.data_as<int32_t>();
+  a.routing_map = map.data_as<uint8_t>();
+  a.dprobs = dprobs.data();
+  a.dlogits = dlogits.data();
+  a.accumulate = accumulate;
+  need(table(logits.device()).router_topk_bwd, logits.device(), op)(a, exec_ctx(logits.device()));
+}
+
+void aux_stats(ScoreFunction score, int64_t k, int64_t num_seqs, const Tensor& logits, Tensor& prob_sum,
+               Tensor& counts) {
+  const char* op = "aux_stats";
+  need_2d(op, "logits", logits);
+  need_router_dtype(op, logits);
+  int64_t T = logits.size(0), E = logits.size(1);
+  MOE_CHECK(num_seqs >= 1 && T % num_seqs == 0, op, ": ", T, " tokens do not split into ", num_seqs, " sequences");
+  MOE_CHECK(k >= 1 && k <= E, op, ": topk must be in [1, ", E, "], got ", k);
+  prob_sum.check_shape({num_seqs, E}, "aux_stats: prob_sum");
+  prob_sum.check_dtype(DType::f64, "aux_stats: prob_sum");
+  counts.check_shape({num_seqs, E}, "aux_stats: counts");
+  counts.check_dtype(DType::i64, "aux_stats: counts");
+  same_device(op, logits, {&prob_sum, &counts});
+  AuxStatsArgs a;
+  a.dtype = logits.dtype();
+  a.T = T;
+  a.E = E;
+  a.k = k;
+  a.num_seqs = num_seqs;
+  a.score = score;
+  a.logits = logits.data();
+  a.prob_sum = prob_sum.data_as<double>();
+  a.counts = counts.data_as<int64_t>();
+  need(table(logits.device()).aux_stats, logits.device(), op)(a, exec_ctx(logits.device()));
+}
+
+void aux_loss_bwd(ScoreFunction score, int64_t num_seqs, const Tensor& logits, const Tensor& weight,
+                  Tensor& dlogits) {
+  const char* op = "aux_loss_bwd";
+  need_2d(op, "logits", logits);
+  need_router_dtype(op, logits);
+  int64_t T = logits.size(0), E = logits.size(1);
+  MOE_CHECK(num_seqs >= 1 && T % num_seqs == 0, op, ": ", T, " tokens do not split into ", num_seqs, " sequences");
+  weight.check_shape({num_seqs, E}, "aux_loss_bwd: weight");
+  weight.check_dtype(DType::f64, "aux_loss_bwd: weight");
+  dlogits.check_shape({T, E}, "aux_loss_bwd: dlogits");
+  dlogits.check_dtype(logits.dtype(), "aux_loss_bwd: dlogits");
+  same_device(op, logits, {&weight, &dlogits});
+  AuxLossBwdArgs a;
+  a.dtype = logits.dtype();
+  a.T = T;
+  a.E = E;
+  a.num_seqs = num_seqs;
+  a.score = score;
+  a.logits = logits.data();
+  a.weight = weight.data_as<double>();
+  a.dlogits = dlogits.data();
+  need(table(logits.device()).aux_loss_bwd, logits.device(), op)(a, exec_ctx(logits.device()));
+}
+
+double z_loss_fwd(const Tensor& logits) {
+  const char* op = "z_loss_fwd";
+  need_2d(op, "logits", logits);
+  need_router_dtype(op, logits);
+  Tensor sum = Tensor::empty({1}, DType::f64, logits.device());
+  ZLossArgs a;
+  a.dtype = logits.dtype();
+  a.T = logits.size(0);
+  a.E = logits.size(1);
+  a.logits = logits.data();
+  a.sum_out = sum.data_as<double>();
+  need(table(logits.device()).z_loss_fwd, logits.device(), op)(a, exec_ctx(logits.device()));
+  return sum.to_vector<double>()[0];
+}
+
+void z_loss_bwd(const Tensor& logits, double coef, Tensor& dlogits) {
+  const char* op = "z_loss_bwd";
+  need_2d(op, "logits", logits);
+  need_router_dtype(op, logits);
+  dlogits.check_shape(logits.shape(), "z_loss_bwd: dlogits");
+  dlogits.check_dtype(logits.dtype(), "z_loss_bwd: dlogits");
+  same_device(op, logits, {&dlogits});
+  ZLossArgs a;
+  a.dtype = logits.dtype();
+  a.T = logits.size(0);
+  a.E = logits.size(1);
+  a.logits = logits.data();
+  a.dlogits = dlogits.data();
+  a.coef = coef;
+  need(table(logits.device()).z_loss_bwd, logits.device(), op)(a, exec_ctx(logits.device()));
+}
+
+void capacity(int64_t cap, DropPolicy policy, bool pad, Tensor& probs, Tensor& map) {
+  const char* op = "capacity";
+  need_2d(op, "probs", probs);
+  need_router_dtype(op, probs);
+  MOE_CHECK(cap >= 0, op, ": capacity must be >= 0, got ", cap);
+  map.check_shape(probs.shape(), "capacity: routing_map");
+  map.check_dtype(DType::u8, "capacity: routing_map");
+  same_device(op, probs, {&map});
+  CapacityArgs a;
+  a.dtype = probs.dtype();
+  a.T = probs.size(0);
+  a.E = probs.size(1);
+  a.capacity = cap;
+  a.policy = policy;
+  a.pad = pad;
+  a.probs = probs.data();
+  a.routing_map = map.data_as<uint8_t>();
+  need(table(probs.device()).capacity, probs.device(), op)(a, exec_ctx(probs.device()));
+}
+
+Tensor routing_counts(const Tensor& map) {
+  const char* op = "routing_counts";
+  need_2d(op, "routing_map", map);
+  map.check_dtype(DType::u8, "routing_counts: routing_map");
+  Tensor counts = Tensor::empty({map.size(1)}, DType::i64, map.device());
+  RoutingCountsArgs a;
+  a.T = map.size(0);
+  a.E = map.size(1);
+  a.routing_map = map.data_as<uint8_t>();
+  a.counts = counts.data_as<int64_t>();
+  need(table(map.device()).routing_counts, map.device(), op)(a, exec_ctx(map.device()));
+  return counts;
+}
+
+void permute_index(const Tensor& map, const std::vector<int64_t>& offsets, Tensor& row_id_map) {
+  const char* op = "permute_index";
+  need_2d(op, "routing_map", map);
+  map.check_dtype(DType::u8, "permute_index: routing_map");
+  int64_t T = map.size(0), E = map.size(1);
+  MOE_CHECK(static_cast<int64_t>(offsets.size()) == E, op, ": expected ", E, " expert offsets, got ", offsets.size());
+  row_id_map.check_shape({T, E}, "permute_index: row_id_map");
+  row_id_map.check_dtype(DType::i32, "permute_index: row_id_map");
+  same_device(op, map, {&row_id_map});
+  Tensor offsets_dev;
+  if (!map.device().is_cpu()) offsets_dev = Tensor::from_vector(offsets, {E}, map.device());
+  PermuteIndexArgs a;
+  a.T = T;
+  a.E = E;
+  a.routing_map = map.data_as<uint8_t>();
+  a.expert_offsets_host = offsets.data();
+  a.expert_offsets = offsets_dev.defined() ? offsets_dev.data_as<int64_t>() : nullptr;
+  a.row_id_map = row_id_map.data_as<int32_t>();
+  need(table(map.device()).permute_index, map.device(), op)(a, exec_ctx(map.device()));
+}
+
+void permute(const Tensor& rid, const Tensor& in, Tensor& out, const Tensor* probs, Tensor* out_probs) {
+  const char* op = "permute";
+  need_2d(op, "row_id_map", rid);
+  rid.check_dtype(DType::i32, "permute: row_id_map");
+  need_2d(op, "in", in);
+  need_2d(op, "out", out);
+  int64_t T = rid.size(0), E = rid.size(1), H = in.size(1), N = out.size(0);
+  in.check_shape({T, H}, "permute: in");
+  out.check_shape({N, H}, "permute: out");
+  MOE_CHECK(in.dtype() == out.dtype(), op, ": in ", in.desc(), " and out ", out.desc(), " dtypes differ");
+  MOE_CHECK((probs == nullptr) == (out_probs == nullptr), op, ": probs and out_probs go together");
+  same_device(op, rid, {&in, &out, probs, out_probs});
+  PermuteArgs a;
+  a.dtype = in.dtype();
+  a.T = T;
+  a.E = E;
+  a.H = H;
+  a.N = N;
+  a.row_id_map = rid.data_as<int32_t>();
+  a.in = in.data();
+  a.out = out.data();
+  if (probs) {
+    probs->check_shape({T, E}, "permute: probs");
+    out_probs->check_shape({N}, "permute: out_probs");
+    MOE_CHECK(probs->dtype() == out_probs->dtype(), op, ": probs and out_probs dtypes differ");
+    a.prob_dtype = probs->dtype();
+    a.probs = probs->data();
+    a.out_probs = out_probs->data();
+  }
+  need(table(in.device()).permute, in.device(), op)(a, exec_ctx(in.device()));
+}
+
+void unpermute(const Tensor& rid, const Tensor& in, Tensor& out, const Tensor* w) {
+  const char* op = "unpermute";
+  need_2d(op, "row_id_map", rid);
+  rid.check_dtype(DType::i32, "unpermute: row_id_map");
+  need_2d(op, "in", in);
+  need_2d(op, "out", out);
+  int64_t T = rid.size(0), E = rid.size(1), H = in.size(1), N = in.size(0);
+  out.check_shape({T, H}, "unpermute: out");
+  MOE_CHECK(in.dtype() == out.dtype(), op, ": in ", in.desc(), " and out ", out.desc(), " dtypes differ");
+  same_device(op, rid, {&in, &out, w});
+  UnpermuteArgs a;
+  a.dtype = in.dtype();
+  a.T = T;
+  a.E = E;
+  a.H = H;
+  a.N = N;
+  a.row_id_map = rid.data_as<int32_t>();
+  a.in = in.data();
+  a.out = out.data();
+  if (w) {
+    w->check_shape({N}, "unpermute: row_weights");
+    a.prob_dtype = w->dtype();
+    a.row_weights = w->data();
+  }
+  need(table(in.device()).unpermute, in.device(), op)(a, exec_ctx(in.device()));
+}
+
+void scatter_rows_to_map(const Tensor& rid, const Tensor& row_values, Tensor& probs_grad) {
+  const char* op = "scatter_rows_to_map";
+  need_2d(op, "row_id_map", rid);
+  rid.check_dtype(DType::i32, "scatter_rows_to_map: row_id_map");
+  int64_t T = rid.size(0), E = rid.size(1);
+  MOE_CHECK(row_values.defined() && row_values.ndim() == 1, op, ": row_values must be (N), got ", row_values.desc());
+  probs_grad.check_shape({T, E}, "scatter_rows_to_map: probs_grad");
+  MOE_CHECK(row_values.dtype() == probs_grad.dtype(), op, ": dtypes differ: ", row_values.desc(), " vs ",
+            probs_grad.desc());
+  same_device(op, rid, {&row_values, &probs_grad});
+  UnpermuteArgs a;
+  a.prob_dtype = row_values.dtype();
+  a.T = T;
+  a.E = E;
+  a.N = row_values.size(0);
+  a.row_id_map = rid.data_as<int32_t>();
+  a.row_values = row_values.data();
+  a.probs_grad = probs_grad.data();
+  need(table(rid.device()).unpermute, rid.device(), op)(a, exec_ctx(rid.device()));
+}
+
+void chunk_sort(const std::vector<int64_t>& splits, const std::vector<int64_t>& order, const Tensor& in,
+                Tensor& out, const Tensor* probs, Tensor* out_probs) {
+  const char* op = "chunk_sort";
+  need_2d(op, "in", in);
+  int64_t C = static_cast<int64_t>(splits.size());
+  MOE_CHECK(static_cast<int64_t>(order.size()) == C, op, ": ", C, " split sizes but ", order.size(), " sorted indices");
+  int64_t N = 0;
+  std::vector<int> seen(static_cast<size_t>(C), 0);
+  for (int64_t c = 0; c < C; ++c) {
+    MOE_CHECK(splits[c] >= 0, op, ": chunk ", c, " has negative size ", splits[c]);
+    N += splits[c];
+    MOE_CHECK(order[c] >= 0 && order[c] < C && !seen[order[c]]++, op, ": sorted_idxs is not a permutation of [0, ", C, ")");
+  }
+  in.check_shape({N, in.size(1)}, "chunk_sort: in");
+  out.check_shape(in.shape(), "chunk_sort: out");
+  MOE_CHECK(in.dtype() == out.dtype(), op, ": dtypes differ");
+  MOE_CHECK((probs == nullptr) == (out_probs == nullptr), op, ": probs and out_probs go together");
+  same_device(op, in, {&out, probs, out_probs});
+  ChunkSortArgs a;
+  a.dtype = in.dtype();
+  a.num_chunks = C;
+  a.N = N;
+  a.H = in.size(1);
+  a.split_sizes_host = splits.data();
+  a.sorted_idxs_host = order.data();
+  a.in = in.data();
+  a.out = out.data();
+  if (probs) {
+    probs->check_shape({N}, "chunk_sort: probs");
+    out_probs->check_shape({N}, "chunk_sort: out_probs");
+    a.prob_dtype = probs->dtype();
+    a.probs = probs->data();
+    a.out_probs = out_probs->data();
+  }
+  need(table(in.device()).chunk_sort, in.device(), op)(a, exec_ctx(in.device()));
+}
+
+void act_fwd(Activation act, bool glu, const Tensor& in, const Tensor* row_scale, Tensor& out) {
+  const char* op = "act_fwd";
+  need_2d(op, "in", in);
+  need_float(op, "in", in);
+  int64_t rows = in.size(0), F1 = in.size(1);
+  MOE_CHECK(!glu || F1 % 2 == 0, op, ": a GLU input needs an even width, got ", in.desc());
+  int64_t F = glu ? F1 / 2 : F1;
+  out.check_shape({rows, F}, "act_fwd: out");
+  MOE_CHECK(out.dtype() == in.dtype(), op, ": dtypes differ");
+  same_device(op, in, {&out, row_scale});
+  ActFwdArgs a;
+  a.dtype = in.dtype();
+  a.act = act;
+  a.glu = glu;
+  a.rows = rows;
+  a.F = F;
+  a.in = in.data();
+  a.out = out.data();
+  if (row_scale) {
+    row_scale->check_shape({rows}, "act_fwd: row_scale");
+    a.scale_dtype = row_scale->dtype();
+    a.row_scale = row_scale->data();
+  }
+  need(table(in.device()).act_fwd, in.device(), op)(a, exec_ctx(in.device()));
+}
+
+void act_bwd(Activation act, bool glu, const Tensor& in, const Tensor* row_scale, const Tensor& dout, Tensor& din,
+             Tensor* drow_scale) {
+  const char* op = "act_bwd";
+  need_2d(op, "in", in);
+  need_float(op, "in", in);
+  int64_t rows = in.size(0), F1 = in.size(1);
+  MOE_CHECK(!glu || F1 % 2 == 0, op, ": a GLU input needs an even width, got ", in.desc());
+  int64_t F = glu ? F1 / 2 : F1;
+  dout.check_shape({rows, F}, "act_bwd: dout");
+  din.check_shape(in.shape(), "act_bwd: din");
+  MOE_CHECK(dout.dtype() == in.dtype() && din.dtype() == in.dtype(), op, ": dtypes differ");
+  same_device(op, in, {&dout, &din, row_scale, drow_scale});
+  ActBwdArgs a;
+  a.dtype = in.dtype();
+  a.act = act;
+  a.glu = glu;
+  a.rows = rows;
+  a.F = F;
+  a.in = in.data();
+  a.dout = dout.data();
+  a.din = din.data();
+  if (row_scale) {
+    row_scale->check_shape({rows}, "act_bwd: row_scale");
+    a.scale_dtype = row_scale->dtype();
+    a.row_scale = row_scale->data();
+  }
+  if (drow_scale) {
+    drow_scale->check_shape({rows}, "act_bwd: drow_scale");
+    MOE_CHECK(!row_scale || drow_scale->dtype() == row_scale->dtype(), op, ": row_scale and drow_scale dtypes differ");
+    a.scale_dtype = drow_scale->dtype();
+    a.drow_scale = drow_scale->data();
+  }
+  need(table(in.device()).act_bwd, in.device(), op)(a, exec_ctx(in.device()));
+}
+
+namespace {
+void check_same(const char* op, const Tensor& a, const Tensor& b) {
+  need_float(op, "x", a);
+  MOE_CHECK(b.defined() && a.numel() == b.numel() && a.dtype() == b.dtype(), op, ": operands must match: ",
+            a.desc(), " vs ", b.desc());
+  same_device(op, a, {&b});
+}
+}  // namespace
+
+void axpby(double alpha, const Tensor& x, double beta, Tensor& y) {
+  check_same("axpby", x, y);
+  ElementwiseArgs a;
+  a.dtype = x.dtype();
+  a.n = x.numel();
+  a.x = x.data();
+  a.y = y.data();
+  a.a = alpha;
+  a.b = beta;
+  need(table(x.device()).axpby, x.device(), "axpby")(a, exec_ctx(x.device()));
+}
+
+void add_(Tensor& y, const Tensor& x) { axpby(1.0, x, 1.0, y); }
+
+void mul(const Tensor& x, const Tensor& y, Tensor& out) {
+  check_same("mul", x, y);
+  check_same("mul", x, out);
+  ElementwiseArgs a;
+  a.dtype = x.dtype();
+  a.n = x.numel();
+  a.x = x.data();
+  a.y = const_cast<void*>(y.data());
+  a.out = out.data();
+  need(table(x.device()).mul, x.device(), "mul")(a, exec_ctx(x.device()));
+}
+
+void sigmoid(const Tensor& x, Tensor& out) {
+  check_same("sigmoid", x, out);
+  ElementwiseArgs a;
+  a.dtype = x.dtype();
+  a.op = UnaryOp::sigmoid;
+  a.n = x.numel();
+  a.x = x.data();
+  a.out = out.data();
+  need(table(x.device()).unary, x.device(), "sigmoid")(a, exec_ctx(x.device()));
+}
+
+void sigmoid_bwd(const Tensor& dy, const Tensor& y, Tensor& dx) {
+  check_same("sigmoid_bwd", dy, y);
+  check_same("sigmoid_bwd", dy, dx);
+  ElementwiseArgs a;
+  a.dtype = dy.dtype();
+  a.op = UnaryOp::sigmoid_bwd;
+  a.n = dy.numel();
+  a.x = dy.data();
+  a.y = const_cast<void*>(y.data());
+  a.out = dx.data();
+  need(table(dy.device()).unary, dy.device(), "sigmoid_bwd")(a, exec_ctx(dy.device()));
+}
+
+void cast_into(const Tensor& x, Tensor& out) {
+  need_float("cast", "x", x);
+  need_float("cast", "out", out);
+  MOE_CHECK(x.numel() == out.numel(), "cast: element counts differ: ", x.desc(), " vs ", out.desc());
+  same_device("cast", x, {&out});
+  CastArgs a;
+  a.src_dtype = x.dtype();
+  a.dst_dtype = out.dtype();
+  a.n = x.numel();
+  a.src = x.data();
+  a.dst = out.data();
+  need(table(x.device()).cast, x.device(), "cast")(a, exec_ctx(x.device()));
+}
+
+Tensor cast(const Tensor& x, DType dtype) {
+  Tensor out = Tensor::empty(x.shape(), dtype, x.device());
+  cast_into(x, out);
+  return out;
+}
+
+void scale_rows(const Tensor& in, const Tensor& scale, Tensor& out, bool accumulate) {
+  const char* op = "scale_rows";
+  need_2d(op, "in", in);
+  need_float(op, "in", in);
+  out.check_shape(in.shape(), "scale_rows: out");
+  MOE_CHECK(out.dtype() == in.dtype(), op, ": dtypes differ");
+  scale.check_shape({in.size(0)}, "scale_rows: scale");
+  same_device(op, in, {&scale, &out});
+  ScaleRowsArgs a;
+  a.dtype = in.dtype();
+  a.scale_dtype = scale.dtype();
+  a.rows = in.size(0);
+  a.H = in.size(1);
+  a.in = in.data();
+  a.scale = scale.data();
+  a.out = out.data();
+  a.accumulate = accumulate;
+  need(table(in.device()).scale_rows, in.device(), op)(a, exec_ctx(in.device()));
+}
+
+void row_dot(const Tensor& x, const Tensor& y, Tensor& out) {
+  const char* op = "row_dot";
+  need_2d(op, "a", x);
+  need_float(op, "a", x);
+  y.check_shape(x.shape(), "row_dot: b");
+  MOE_CHECK(y.dtype() == x.dtype(), op, ": dtypes differ");
+  out.check_shape({x.size(0)}, "row_dot: out");
+  same_device(op, x, {&y, &out});
+  RowDotArgs a;
+  a.dtype = x.dtype();
+  a.out_dtype = out.dtype();
+  a.rows = x.size(0);
+  a.H = x.size(1);
+  a.a = x.data();
+  a.b = y.data();
+  a.out = out.data();
+  need(table(x.device()).row_dot, x.device(), op)(a, exec_ctx(x.device()));
+}
+
+void jitter(uint64_t key, double eps, Tensor& out) {
+  need_float("jitter", "out", out);
+  JitterArgs a;
+  a.dtype = out.dtype();
+  a.n = out.numel();
+  a.key = key;
+  a.eps = eps;
+  a.out = out.data();
+  need(table(out.device()).jitter, out.device(), "jitter")(a, exec_ctx(out.device()));
+}
+
+double mse(const Tensor& y, const Tensor& target, Tensor* dy, double scale) {
+  check_same("mse", y, target);
+  if (dy) check_same("mse", y, *dy);
+  Tensor sum = Tensor::empty({1}, DType::f64, y.device());
+  MseArgs a;
+  a.dtype = y.dtype();
+  a.n = y.numel();
+  a.y = y.data();
+  a.target = target.data();
+  a.sum_out = sum.data_as<double>();
+  a.dy = dy ? dy->data() : nullptr;
+  a.scale = scale;
+  need(table(y.device()).mse, y.device(), "mse")(a, exec_ctx(y.device()));
+  return sum.to_vector<double>()[0];
+}
+
+void adam(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, double lr, double beta1, double beta2,
+          double eps, double weight_decay, int64_t step) {
+  param.check_dtype(DType::f32, "adam: param");
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&grad, &m, &v}) {
+    t->check_dtype(DType::f32, "adam");
+    MOE_CHECK(t->numel() == param.numel(), "adam: expected ", param.numel(), " elements, got ", t->desc());
+  }
+  same_device("adam", param, {&grad, &m, &v});
+  AdamArgs a;
+  a.n = param.numel();
+  a.param = param.data_as<float>();
+  a.grad = grad.data_as<float>();
+  a.m = m.data_as<float>();
+  a.v = v.data_as<float>();
+  a.lr = lr;
+  a.beta1 = beta1;
+  a.beta2 = beta2;
+  a.eps = eps;
+  a.weight_decay = weight_decay;
+  a.step = step;
+  need(table(param.device()).adam, param.device(), "adam")(a, exec_ctx(param.device()));
+}
+
+}  // namespace moe::ops

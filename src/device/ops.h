@@ -1,0 +1,76 @@
+// Tensor-level ops: validate shapes, dtypes and devices, then call the tensor's backend kernel.
+// Every module (router, experts, layer) computes through these, so the same code runs on any
+// backend. Output tensors are allocated by the caller unless the function returns one.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "kernels/ops.h"
+#include "moecore/tensor.h"
+
+namespace moe::ops {
+
+ExecCtx exec_ctx(Device device);
+
+// C (M,N) = alpha · op(A) · op(B) + beta · C. All 2-D, one float dtype, one device.
+void gemm(const Tensor& A, bool trans_a, const Tensor& B, bool trans_b, Tensor& C, double alpha = 1.0,
+          double beta = 0.0);
+Tensor matmul(const Tensor& A, bool trans_a, const Tensor& B, bool trans_b);
+
+// See GroupedGemmArgs. rows (G) on the host; rows_device optional.
+void grouped_gemm(GroupedGemmMode mode, const Tensor& A, const Tensor& B, Tensor& C,
+                  const std::vector<int64_t>& rows, bool accumulate = false,
+                  const Tensor* rows_device = nullptr);
+
+struct TopkSpec {
+  int64_t k = 1;
+  ScoreFunction score = ScoreFunction::softmax;
+  bool pre_softmax = false;
+  int64_t num_groups = 0, group_topk = 0;
+  double scaling_factor = 1.0;
+};
+void router_topk(const TopkSpec& spec, const Tensor& logits, const Tensor* expert_bias, Tensor& probs,
+                 Tensor& routing_map, Tensor& topk_idx);
+void router_topk_bwd(const TopkSpec& spec, const Tensor& logits, const Tensor& topk_idx,
+                     const Tensor& routing_map, const Tensor& dprobs, Tensor& dlogits, bool accumulate);
+void aux_stats(ScoreFunction score, int64_t k, int64_t num_seqs, const Tensor& logits, Tensor& prob_sum,
+               Tensor& counts);
+void aux_loss_bwd(ScoreFunction score, int64_t num_seqs, const Tensor& logits, const Tensor& weight,
+                  Tensor& dlogits);
+double z_loss_fwd(const Tensor& logits);  // Σ_t lse(l_t)², synchronises
+void z_loss_bwd(const Tensor& logits, double coef, Tensor& dlogits);
+void capacity(int64_t capacity, DropPolicy policy, bool pad, Tensor& probs, Tensor& routing_map);
+
+Tensor routing_counts(const Tensor& routing_map);  // (E) i64 on the map's device
+// row_id_map (T, E) i32 from the map and the exclusive prefix sum of the counts.
+void permute_index(const Tensor& routing_map, const std::vector<int64_t>& expert_offsets, Tensor& row_id_map);
+void permute(const Tensor& row_id_map, const Tensor& in, Tensor& out, const Tensor* probs = nullptr,
+             Tensor* out_probs = nullptr);
+void unpermute(const Tensor& row_id_map, const Tensor& in, Tensor& out, const Tensor* row_weights = nullptr);
+// probs_grad (T, E) = row_values scattered to the routed (t, e), zero elsewhere.
+void scatter_rows_to_map(const Tensor& row_id_map, const Tensor& row_values, Tensor& probs_grad);
+void chunk_sort(const std::vector<int64_t>& split_sizes, const std::vector<int64_t>& sorted_idxs,
+                const Tensor& in, Tensor& out, const Tensor* probs = nullptr, Tensor* out_probs = nullptr);
+
+void act_fwd(Activation act, bool glu, const Tensor& in, const Tensor* row_scale, Tensor& out);
+void act_bwd(Activation act, bool glu, const Tensor& in, const Tensor* row_scale, const Tensor& dout,
+             Tensor& din, Tensor* drow_scale);
+
+void axpby(double a, const Tensor& x, double b, Tensor& y);  // y = a x + b y
+void add_(Tensor& y, const Tensor& x);                       // y += x
+void mul(const Tensor& x, const Tensor& y, Tensor& out);
+void sigmoid(const Tensor& x, Tensor& out);
+void sigmoid_bwd(const Tensor& dy, const Tensor& y, Tensor& dx);
+Tensor cast(const Tensor& x, DType dtype);  // a copy when the dtype already matches
+void cast_into(const Tensor& x, Tensor& out);
+void scale_rows(const Tensor& in, const Tensor& scale, Tensor& out, bool accumulate = false);
+void row_dot(const Tensor& a, const Tensor& b, Tensor& out);
+void jitter(uint64_t key, double eps, Tensor& out);
+double mse(const Tensor& y, const Tensor& target, Tensor* dy, double scale);  // Σ(y−t)², synchronises
+void adam(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, double lr, double beta1, double beta2,
+          double eps, double weight_decay, int64_t step);
+
+// The dtype probabilities travel in next to rows of `dtype`: f64 with f64, else f32.
+inline DType prob_dtype_for(DType dtype) { return dtype == DType::f64 ? DType::f64 : DType::f32; }
+
+}  // namespace moe::ops

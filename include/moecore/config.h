@@ -53,7 +53,7 @@ struct MoEConfig {
   std::string parallel_order = "tp-cp-ep-dp-pp";
 
   // ---- memory (DESIGN.md §4) ----
-  std::string recompute_granularity;               // "" | selective
+  std::string recompute_granularity;               // "" | selective | full
   std::vector<std::string> recompute_modules;      // moe_act | shared_experts | moe
   bool fine_grained_activation_offloading = false;
   std::vector<std::string> offload_modules;        // expert_fc1 | moe_act | shared_experts

@@ -104,6 +104,7 @@ class Tensor {
   // Copies.
   Tensor to(Device device, MemoryKind kind = MemoryKind::device) const;
   Tensor clone() const;
+  Tensor to_dtype(DType dtype) const;  // a converted copy (float dtypes), on the same device
   void copy_from(const Tensor& src);  // same shape numel and dtype; any devices
   void copy_from_host(const void* src, size_t bytes);
   void copy_to_host(void* dst, size_t bytes) const;

@@ -18,7 +18,15 @@ namespace {
 std::mutex g_mutex;
 
 Backend& cpu() {
-  static std::unique_ptr<Backend> b = make_cpu_backend();
+  static std::unique_ptr<Backend> b = [] {
+    // MOE_NUM_THREADS sets the CPU kernels' and the BLAS's thread count once, at first use.
+    if (const char* env = std::getenv("MOE_NUM_THREADS")) {
+      int n = std::atoi(env);
+      MOE_CHECK(n > 0, "MOE_NUM_THREADS: expected a positive integer, got '", env, "'");
+      cpu_set_num_threads(n);
+    }
+    return make_cpu_backend();
+  }();
   return *b;
 }
 

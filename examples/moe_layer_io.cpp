@@ -1,0 +1,110 @@
+// moe_layer_io — the MoE layer as a command-line tool, for numerical parity checks against PyTorch
+// or Megatron Core (docs/parity.md shows how to produce its inputs from Python).
+//
+//   moe_layer_io --config CFG.json --in IN.safetensors --out OUT.safetensors
+//
+// CFG: Megatron-named keys (unknown keys are errors). IN: hidden_states (S, B, H) f32,
+// grad_output (S, B, H) f32 and the parameters under their canonical names (router.weight,
+// experts.linear_fc1.weight, experts.linear_fc2.weight, optional router.expert_bias,
+// shared_experts.*). Tokens are flattened s·B + b. OUT: output, grad_hidden_states, grad.<name>
+// for every parameter (the gradient of Σ output·grad_output plus the router's aux and z losses,
+// loss scale 1), probs (T, E) f32, routing_map (T, E) u8, tokens_per_expert (E) i64, aux_loss
+// and z_loss (1) f32, and router.expert_bias.updated (E) when the expert bias is enabled.
+// Any bad input exits non-zero with a message; nothing is written on failure.
+#include <cstdio>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "common/args.h"
+#include "moecore/moecore.h"
+
+using namespace moe;
+
+namespace {
+
+Tensor to_f32_host(const Tensor& t) {
+  Tensor h = t.device().is_cpu() ? t : t.to(Device::cpu());
+  if (h.dtype() == DType::f32) return h;
+  return h.to_dtype(DType::f32);
+}
+
+int run(int argc, char** argv) {
+  examples::Args args(argc, argv);
+  if (argc == 1 || args.has("help")) {
+    std::printf("usage: moe_layer_io --config CFG.json --in IN.safetensors --out OUT.safetensors\n");
+    return argc == 1 ? 2 : 0;
+  }
+  const std::string cfg_path = args.require("config"), in_path = args.require("in"), out_path = args.require("out");
+  MoEConfig cfg = load_config(cfg_path);
+  args.apply_config_flags(cfg);  // any config key may be overridden by a flag; others are errors
+  validate(cfg);
+  SafetensorsFile in = load_safetensors(in_path);
+  const int64_t H = cfg.hidden_size, E = cfg.num_moe_experts;
+
+  const Tensor& hs = in.at("hidden_states");
+  MOE_CHECK(hs.ndim() == 3 && hs.size(2) == H, in_path, ": hidden_states must be (S, B, hidden_size=", H, "), got ",
+            hs.desc());
+  const Tensor& go = in.at("grad_output");
+  go.check_shape(hs.shape(), (in_path + ": grad_output").c_str());
+  const int64_t S = hs.size(0), B = hs.size(1), T = S * B;
+
+  Device dev = default_device();
+  MoELayer layer(cfg, dev);
+  DType pd = dtype_from_name(cfg.params_dtype);
+
+  // Parameters: every trainable one must be in the file; the expert bias is optional.
+  std::set<std::string> known{"hidden_states", "grad_output"};
+  for (Parameter* p : layer.parameters()) {
+    known.insert(p->name);
+    if (!in.contains(p->name)) {
+      MOE_CHECK(!p->trainable, in_path, ": missing parameter '", p->name, "' of shape ", shape_str(p->canonical_shape));
+      continue;
+    }
+    load_shard(*p, in.at(p->name));
+  }
+  for (const std::string& n : in.names)
+    MOE_CHECK(known.count(n), in_path, ": unexpected tensor '", n,
+              "' (this config takes hidden_states, grad_output and its parameters)");
+
+  Tensor x = hs.to_dtype(pd).to(dev);
+  Tensor dy = go.to_dtype(pd).to(dev);
+  ForwardContext ctx;
+  ctx.seq_length = S;
+  ctx.batch_size = B;
+  ctx.training = true;
+  ctx.loss_scale = 1.0;
+  Tensor out = layer.forward(x, ctx);
+  RoutingSummary routing = layer.last_routing();
+  Tensor dx = layer.backward(dy);
+
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  tensors.emplace_back("output", to_f32_host(out));
+  tensors.emplace_back("grad_hidden_states", to_f32_host(dx));
+  for (Parameter* p : layer.parameters())
+    if (p->trainable) tensors.emplace_back("grad." + p->name, to_f32_host(p->grad));
+  tensors.emplace_back("probs", to_f32_host(routing.probs.view({T, E})));
+  tensors.emplace_back("routing_map", routing.routing_map.to(Device::cpu()));
+  tensors.emplace_back("tokens_per_expert", Tensor::from_vector(routing.tokens_per_expert, {E}));
+  tensors.emplace_back("aux_loss", Tensor::from_vector(std::vector<float>{static_cast<float>(routing.aux_loss)}, {1}));
+  tensors.emplace_back("z_loss", Tensor::from_vector(std::vector<float>{static_cast<float>(routing.z_loss)}, {1}));
+  if (cfg.moe_router_enable_expert_bias) {
+    layer.finish_step();
+    tensors.emplace_back("router.expert_bias.updated", to_f32_host(layer.router().expert_bias().value));
+  }
+  save_safetensors(out_path, tensors, {{"producer", "libmoecore moe_layer_io"}});
+  std::printf("moe_layer_io: wrote %zu tensors to %s (T=%lld, E=%lld, aux_loss=%.6g, z_loss=%.6g)\n", tensors.size(),
+              out_path.c_str(), static_cast<long long>(T), static_cast<long long>(E), routing.aux_loss, routing.z_loss);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "moe_layer_io: %s\n", e.what());
+    return 1;
+  }
+}

@@ -1,0 +1,17 @@
+// libmoecore — everything public. A C++ program needs only this header and moecore::moecore.
+#pragma once
+#include "moecore/activation_store.h"
+#include "moecore/backend.h"
+#include "moecore/comm.h"
+#include "moecore/config.h"
+#include "moecore/context.h"
+#include "moecore/dtype.h"
+#include "moecore/error.h"
+#include "moecore/experts.h"
+#include "moecore/logging.h"
+#include "moecore/moe_layer.h"
+#include "moecore/optim.h"
+#include "moecore/param.h"
+#include "moecore/router.h"
+#include "moecore/safetensors.h"
+#include "moecore/tensor.h"

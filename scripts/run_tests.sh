@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The README's second command: install dependencies, build everything (CUDA code included when the
+# toolkit is present), run the whole CTest suite. GPU suites report SKIPPED (exit 77) without a GPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+scripts/build.sh "$@"
+ctest --test-dir "${BUILD_DIR:-build}" --output-on-failure -j "${CTEST_JOBS:-2}" --timeout 900

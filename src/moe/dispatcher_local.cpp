@@ -1,0 +1,50 @@
+#include "device/ops.h"
+#include "moe/dispatcher.h"
+
+namespace moe {
+
+LocalPermutation make_local_permutation(const Tensor& routing_map) {
+  LocalPermutation p;
+  Tensor counts = ops::routing_counts(routing_map);  // (E) i64
+  p.counts = counts.to_vector<int64_t>();
+  std::vector<int64_t> offsets(p.counts.size());
+  for (size_t e = 0; e < p.counts.size(); ++e) {
+    offsets[e] = p.num_rows;
+    p.num_rows += p.counts[e];
+  }
+  p.row_id_map = Tensor::empty(routing_map.shape(), DType::i32, routing_map.device());
+  ops::permute_index(routing_map, offsets, p.row_id_map);
+  return p;
+}
+
+DispatchOutput LocalDispatcher::dispatch(const Tensor& x, const Tensor& probs, const Tensor& routing_map) {
+  LocalPermutation p = make_local_permutation(routing_map);
+  row_id_map_ = p.row_id_map;
+  N_ = p.num_rows;
+  DispatchOutput out;
+  out.tokens = Tensor::empty({N_, x.size(1)}, x.dtype(), x.device());  // (N, H)
+  out.probs = Tensor::empty({N_}, probs.dtype(), x.device());          // (N)
+  ops::permute(row_id_map_, x, out.tokens, &probs, &out.probs);
+  out.rows_per_expert = std::move(p.counts);
+  return out;
+}
+
+Tensor LocalDispatcher::combine(const Tensor& y) {
+  Tensor out = Tensor::empty({row_id_map_.size(0), y.size(1)}, y.dtype(), y.device());  // (T, H)
+  ops::unpermute(row_id_map_, y, out);
+  return out;
+}
+
+Tensor LocalDispatcher::combine_backward(const Tensor& dout) {
+  Tensor dy = Tensor::empty({N_, dout.size(1)}, dout.dtype(), dout.device());  // (N, H)
+  ops::permute(row_id_map_, dout, dy);
+  return dy;
+}
+
+void LocalDispatcher::dispatch_backward(const Tensor& grad_rows, const Tensor& grad_row_probs, Tensor& grad_x,
+                                        Tensor& grad_probs) {
+  ops::unpermute(row_id_map_, grad_rows, grad_x);                 // (T, H)
+  ops::scatter_rows_to_map(row_id_map_, grad_row_probs, grad_probs);  // (T, E)
+}
+
+}  // namespace moe

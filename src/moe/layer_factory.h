@@ -1,0 +1,25 @@
+// Builds the parts of a MoE layer for a process layout: one process (groups null) gets the local
+// dispatcher and every expert; a distributed layout gets its dispatcher and its experts' shards.
+#pragma once
+#include <memory>
+
+#include "moe/dispatcher.h"
+#include "moecore/config.h"
+#include "moecore/experts.h"
+#include "moecore/router.h"
+
+namespace moe {
+
+class ProcessGroups;
+
+struct LayerParts {
+  std::unique_ptr<Router> router;
+  std::unique_ptr<GroupedExperts> experts;
+  std::unique_ptr<SharedExperts> shared;
+  std::unique_ptr<TokenDispatcher> dispatcher;
+};
+
+LayerParts make_layer_parts(const MoEConfig& config, Device device, const std::shared_ptr<ProcessGroups>& groups,
+                            int64_t layer_number);
+
+}  // namespace moe

@@ -1,0 +1,139 @@
+// The MoE layer: one forward and one backward that mirror each other.
+//
+//   forward                                   backward
+//   x (T, H)                                  dx (T, H) = Σ of the three paths below
+//   ├─ router: probs, map (T, E) ─────────────┤ router.backward(dprobs) → dx +=
+//   ├─ dispatch → rows (N, H), row probs (N) ─┤ dispatch_backward → dx, dprobs (T, E)
+//   │  experts → y (N, H) ────────────────────┤ experts.backward → d rows, d row probs
+//   │  combine → routed (T, H) ───────────────┤ combine_backward(dout) → dy (N, H)
+//   └─ shared experts → (T, H) ───────────────┤ shared.backward(dout) → dx +=
+//   out = routed + shared                     dout (T, H)
+#include "moecore/moe_layer.h"
+
+#include "device/ops.h"
+#include "moe/dispatcher.h"
+#include "moe/layer_factory.h"
+
+namespace moe {
+
+namespace {
+DType params_dtype_of(const MoEConfig& c) { return dtype_from_name(c.params_dtype); }
+
+// recompute_modules / offload_modules (Megatron names) → slot policies.
+void apply_memory_policies(const MoEConfig& c, ActivationStore& store) {
+  for (const std::string& m : c.recompute_modules) {
+    if (m == "moe_act") store.set_policy("experts.act_output", SavePolicy::recompute);
+    if (m == "shared_experts") store.set_policy("shared_experts.", SavePolicy::recompute);
+    if (m == "moe") {
+      store.set_policy("experts.fc1_output", SavePolicy::recompute);
+      store.set_policy("experts.act_output", SavePolicy::recompute);
+      store.set_policy("shared_experts.", SavePolicy::recompute);
+      store.set_policy("router.logits", SavePolicy::recompute);
+    }
+  }
+  if (!c.fine_grained_activation_offloading) return;
+  for (const std::string& m : c.offload_modules) {
+    if (m == "expert_fc1") store.set_policy("experts.fc1_input", SavePolicy::offload);
+    if (m == "moe_act") store.set_policy("experts.fc1_output", SavePolicy::offload);
+    if (m == "shared_experts") store.set_policy("shared_experts.", SavePolicy::offload);
+  }
+}
+}  // namespace
+
+MoELayer::MoELayer(const MoEConfig& config, Device device, std::shared_ptr<ProcessGroups> groups,
+                   int64_t layer_number)
+    : config_(config), device_(device), groups_(std::move(groups)), layer_number_(layer_number) {
+  validate(config_);
+  LayerParts parts = make_layer_parts(config_, device_, groups_, layer_number_);
+  router_ = std::move(parts.router);
+  experts_ = std::move(parts.experts);
+  shared_ = std::move(parts.shared);
+  dispatcher_ = std::move(parts.dispatcher);
+  router_dtype_ = router_->router_dtype();
+  apply_memory_policies(config_, store_);
+}
+
+MoELayer::~MoELayer() = default;
+
+Tensor MoELayer::forward(const Tensor& hidden, const ForwardContext& ctx) {
+  const int64_t H = config_.hidden_size;
+  MOE_CHECK(hidden.defined() && (hidden.ndim() == 2 || hidden.ndim() == 3) && hidden.size(-1) == H,
+            "MoELayer::forward: expected hidden states (T, ", H, ") or (S, B, ", H, "), got ", hidden.desc());
+  MOE_CHECK(hidden.dtype() == params_dtype_of(config_), "MoELayer::forward: expected dtype ", config_.params_dtype,
+            " (params_dtype), got ", hidden.desc());
+  MOE_CHECK(hidden.device() == device_, "MoELayer::forward: layer lives on ", device_.str(), ", input is ",
+            hidden.desc());
+  input_shape_ = hidden.shape();
+  ForwardContext c = ctx;
+  if (hidden.ndim() == 3 && c.seq_length == 0) {
+    c.seq_length = hidden.size(0);
+    c.batch_size = hidden.size(1);
+  }
+  store_.clear();
+  Tensor x = hidden.view({hidden.numel() / H, H});  // (T, H)
+
+  RouterOutput ro = router_->forward(x, c, store_);
+  DType pd = ops::prob_dtype_for(x.dtype());
+  Tensor probs = ro.probs.dtype() == pd ? ro.probs : ops::cast(ro.probs, pd);  // (T, E) prob dtype
+
+  DispatchOutput d = dispatcher_->dispatch(x, probs, ro.routing_map);
+  Tensor y = experts_->forward(d.tokens, d.rows_per_expert, d.probs, store_);  // (N, H)
+  Tensor out = dispatcher_->combine(y);                                          // (T, H)
+  if (shared_) ops::add_(out, shared_->forward(x, store_));
+
+  summary_.tokens_per_expert = ro.tokens_per_expert;
+  summary_.aux_loss = ro.aux_loss;
+  summary_.z_loss = ro.z_loss;
+  summary_.capacity = ro.capacity;
+  summary_.probs = ro.probs;
+  summary_.routing_map = ro.routing_map;
+  return out.view(input_shape_);
+}
+
+Tensor MoELayer::backward(const Tensor& grad_output) {
+  MOE_CHECK(!input_shape_.empty(), "MoELayer::backward called without a forward");
+  grad_output.check_shape(input_shape_, "MoELayer::backward: grad_output");
+  const int64_t H = config_.hidden_size, E = config_.num_moe_experts;
+  Tensor dout = grad_output.view({grad_output.numel() / H, H});  // (T, H)
+  const int64_t T = dout.size(0);
+
+  Tensor dy = dispatcher_->combine_backward(dout);  // (N, H)
+  Tensor drows = Tensor::empty(dy.shape(), dy.dtype(), device_);
+  Tensor drow_probs = Tensor::empty({dy.size(0)}, ops::prob_dtype_for(dy.dtype()), device_);
+  experts_->backward(dy, drows, drow_probs, store_);
+
+  Tensor dx = Tensor::empty({T, H}, dout.dtype(), device_);                  // (T, H)
+  Tensor dprobs = Tensor::empty({T, E}, drow_probs.dtype(), device_);        // (T, E)
+  dispatcher_->dispatch_backward(drows, drow_probs, dx, dprobs);
+  if (shared_) shared_->backward(dout, dx, store_);
+  Tensor dprobs_r = dprobs.dtype() == router_dtype_ ? dprobs : ops::cast(dprobs, router_dtype_);
+  router_->backward(dprobs_r, dx, store_);
+  store_.clear();
+  input_shape_.clear();
+  return dx.view(grad_output.shape());
+}
+
+void MoELayer::finish_step() { router_->finish_step(); }
+
+std::vector<Parameter*> MoELayer::parameters() {
+  std::vector<Parameter*> out{&router_->weight(), &experts_->fc1(), &experts_->fc2()};
+  if (shared_) {
+    out.push_back(&shared_->fc1());
+    out.push_back(&shared_->fc2());
+    if (shared_->has_gate()) out.push_back(&shared_->gate());
+  }
+  if (router_->expert_bias().value.defined()) out.push_back(&router_->expert_bias());
+  return out;
+}
+
+Parameter* MoELayer::find_parameter(const std::string& name) {
+  for (Parameter* p : parameters())
+    if (p->name == name) return p;
+  return nullptr;
+}
+
+void MoELayer::zero_grad() {
+  for (Parameter* p : parameters()) p->zero_grad();
+}
+
+}  // namespace moe

@@ -3,6 +3,6 @@
 # toolkit is present), run the whole CTest suite. GPU suites report SKIPPED (exit 77) without a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+scripts/setup.sh --with-torch
 scripts/build.sh "$@"
 ctest --test-dir "${BUILD_DIR:-build}" --output-on-failure -j "${CTEST_JOBS:-2}" --timeout 900

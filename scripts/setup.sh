@@ -11,6 +11,11 @@ PACKAGES=(
   libopenmpi-dev openmpi-bin
   libgtest-dev libgmock-dev libbenchmark-dev
 )
+# --with-torch: also Debian's PyTorch for /usr/bin/python3 (the parity reference and the CPU peer
+# benchmark). The test command passes it so the parity suite runs rather than skips.
+if [ "${1:-}" = "--with-torch" ]; then
+  PACKAGES+=(python3-torch python3-numpy)
+fi
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -11,13 +11,26 @@
 // loss scale 1), probs (T, E) f32, routing_map (T, E) u8, tokens_per_expert (E) i64, aux_loss
 // and z_loss (1) f32, and router.expert_bias.updated (E) when the expert bias is enabled.
 // Any bad input exits non-zero with a message; nothing is written on failure.
+//
+// Under mpirun the parallel sizes come from the config (tensor_model_parallel_size,
+// context_parallel_size, expert_model_parallel_size, expert_tensor_parallel_size,
+// moe_token_dispatcher_type); the world size gives DP:
+//   mpirun -np 4 moe_layer_io --config cfg.json --in in.safetensors --out out.safetensors
+// Every rank reads the full inputs and takes its shard (S in TP·CP contiguous chunks, B over DP,
+// experts in contiguous blocks over EP, fc1 rows / fc2 columns over ETP); rank 0 writes the
+// gathered, unsharded outputs. Parameter gradients are Megatron's: the mean over the DP·CP
+// replicas of each replica's gradient (a DP·CP = 1 run writes what one process writes).
+// aux_loss and z_loss are rank 0's values (summed over its TP×CP group); tokens_per_expert is
+// summed over all ranks.
 #include <cstdio>
 #include <set>
 #include <string>
 #include <vector>
 
 #include "common/args.h"
+#include "moecore/distributed.h"
 #include "moecore/moecore.h"
+#include "moecore/parallel.h"
 
 using namespace moe;
 
@@ -49,8 +62,21 @@ int run(int argc, char** argv) {
   go.check_shape(hs.shape(), (in_path + ": grad_output").c_str());
   const int64_t S = hs.size(0), B = hs.size(1), T = S * B;
 
+  // Ranks and groups: one process, or the world of mpirun split by the config's parallel sizes.
+  std::shared_ptr<Communicator> world;
+  std::shared_ptr<ProcessGroups> groups;
+  if (world_size() > 1) {
+    world = mpi_world();
+    validate_parallel(cfg, world->size());
+    groups = ProcessGroups::build(world, parallel_sizes_from_config(cfg, world->size()));
+  } else {
+    world = make_single_communicator("world");
+    groups = ProcessGroups::single();
+  }
+  const TokenShard shard = token_shard(*groups, S, B);
+
   Device dev = default_device();
-  MoELayer layer(cfg, dev);
+  MoELayer layer(cfg, dev, groups);
   DType pd = dtype_from_name(cfg.params_dtype);
 
   // Parameters: every trainable one must be in the file; the expert bias is optional.
@@ -67,32 +93,43 @@ int run(int argc, char** argv) {
     MOE_CHECK(known.count(n), in_path, ": unexpected tensor '", n,
               "' (this config takes hidden_states, grad_output and its parameters)");
 
-  Tensor x = hs.to_dtype(pd).to(dev);
-  Tensor dy = go.to_dtype(pd).to(dev);
+  Tensor x = take_tokens(hs, shard).to_dtype(pd).to(dev);   // (s_len, b_len, H)
+  Tensor dy = take_tokens(go, shard).to_dtype(pd).to(dev);  // (s_len, b_len, H)
   ForwardContext ctx;
-  ctx.seq_length = S;
-  ctx.batch_size = B;
+  ctx.seq_length = shard.s_len;
+  ctx.batch_size = shard.b_len;
   ctx.training = true;
   ctx.loss_scale = 1.0;
   Tensor out = layer.forward(x, ctx);
   RoutingSummary routing = layer.last_routing();
   Tensor dx = layer.backward(dy);
+  finalize_grads(layer.parameters(), *groups);
 
+  // Gather everything back to canonical, unsharded tensors (collective: every rank takes part).
+  auto tokens = [&](const Tensor& local, int64_t width) {
+    Tensor t = to_f32_host(local).view({shard.s_len, shard.b_len, width});
+    return gather_tokens(t, shard, S, B, *world);
+  };
   std::vector<std::pair<std::string, Tensor>> tensors;
-  tensors.emplace_back("output", to_f32_host(out));
-  tensors.emplace_back("grad_hidden_states", to_f32_host(dx));
+  tensors.emplace_back("output", tokens(out, H));
+  tensors.emplace_back("grad_hidden_states", tokens(dx, H));
   for (Parameter* p : layer.parameters())
-    if (p->trainable) tensors.emplace_back("grad." + p->name, to_f32_host(p->grad));
-  tensors.emplace_back("probs", to_f32_host(routing.probs.view({T, E})));
-  tensors.emplace_back("routing_map", routing.routing_map.to(Device::cpu()));
-  tensors.emplace_back("tokens_per_expert", Tensor::from_vector(routing.tokens_per_expert, {E}));
+    if (p->trainable) tensors.emplace_back("grad." + p->name, gather_parameter(*p, true, *world));
+  tensors.emplace_back("probs", tokens(routing.probs, E).view({T, E}));
+  Tensor map_local = routing.routing_map.to(Device::cpu()).view({shard.s_len, shard.b_len, E});
+  tensors.emplace_back("routing_map", gather_tokens(map_local, shard, S, B, *world).view({T, E}));
+  Tensor counts = Tensor::from_vector(routing.tokens_per_expert, {E});
+  world->all_reduce(counts);
+  tensors.emplace_back("tokens_per_expert", counts);
   tensors.emplace_back("aux_loss", Tensor::from_vector(std::vector<float>{static_cast<float>(routing.aux_loss)}, {1}));
   tensors.emplace_back("z_loss", Tensor::from_vector(std::vector<float>{static_cast<float>(routing.z_loss)}, {1}));
   if (cfg.moe_router_enable_expert_bias) {
     layer.finish_step();
     tensors.emplace_back("router.expert_bias.updated", to_f32_host(layer.router().expert_bias().value));
   }
-  save_safetensors(out_path, tensors, {{"producer", "libmoecore moe_layer_io"}});
+  if (world->rank() != 0) return 0;
+  save_safetensors(out_path, tensors, {{"producer", "libmoecore moe_layer_io"},
+                                       {"world_size", std::to_string(world->size())}});
   std::printf("moe_layer_io: wrote %zu tensors to %s (T=%lld, E=%lld, aux_loss=%.6g, z_loss=%.6g)\n", tensors.size(),
               out_path.c_str(), static_cast<long long>(T), static_cast<long long>(E), routing.aux_loss, routing.z_loss);
   return 0;

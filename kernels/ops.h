@@ -197,6 +197,18 @@ struct ChunkSortArgs {
   void* out_probs = nullptr;                  // (N) optional
 };
 
+// columns: a block of columns of a row-major matrix, for any element size (bytes are copied).
+//   gather:  out (rows, out_cols) = in (rows, in_cols)[:, start : start + out_cols]
+//   scatter: out (rows, out_cols) = 0 except out[:, start : start + in_cols] = in (rows, in_cols)
+// (the allgather dispatcher's local-expert slice of probs and map, and its mirror for dprobs).
+struct ColumnsArgs {
+  int64_t elem_size = 4;
+  int64_t rows = 0, in_cols = 0, out_cols = 0, start = 0;
+  bool scatter = false;
+  const void* in = nullptr;
+  void* out = nullptr;
+};
+
 // ---------------------------------------------------------------------------------------------
 // Activations with the prob multiply (DESIGN.md §7). With glu the input row is [a | b] (F each):
 // out = act(a) · b · s; without, out = act(x) · s. s = row_scale[r] when given, else 1.
@@ -315,6 +327,7 @@ struct KernelTable {
   void (*permute)(const PermuteArgs&, const ExecCtx&) = nullptr;
   void (*unpermute)(const UnpermuteArgs&, const ExecCtx&) = nullptr;
   void (*chunk_sort)(const ChunkSortArgs&, const ExecCtx&) = nullptr;
+  void (*columns)(const ColumnsArgs&, const ExecCtx&) = nullptr;
   void (*act_fwd)(const ActFwdArgs&, const ExecCtx&) = nullptr;
   void (*act_bwd)(const ActBwdArgs&, const ExecCtx&) = nullptr;
   void (*axpby)(const ElementwiseArgs&, const ExecCtx&) = nullptr;

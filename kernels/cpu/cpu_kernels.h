@@ -26,6 +26,7 @@ void cpu_permute_index(const PermuteIndexArgs&, const ExecCtx&);
 void cpu_permute(const PermuteArgs&, const ExecCtx&);
 void cpu_unpermute(const UnpermuteArgs&, const ExecCtx&);
 void cpu_chunk_sort(const ChunkSortArgs&, const ExecCtx&);
+void cpu_columns(const ColumnsArgs&, const ExecCtx&);
 // activation.cpp
 void cpu_act_fwd(const ActFwdArgs&, const ExecCtx&);
 void cpu_act_bwd(const ActBwdArgs&, const ExecCtx&);

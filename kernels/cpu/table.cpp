@@ -19,6 +19,7 @@ const KernelTable& cpu_kernel_table() {
     t.permute = cpu_permute;
     t.unpermute = cpu_unpermute;
     t.chunk_sort = cpu_chunk_sort;
+    t.columns = cpu_columns;
     t.act_fwd = cpu_act_fwd;
     t.act_bwd = cpu_act_bwd;
     t.axpby = cpu_axpby;

@@ -476,6 +476,36 @@ void chunk_sort(const std::vector<int64_t>& splits, const std::vector<int64_t>& 
   need(table(in.device()).chunk_sort, in.device(), op)(a, exec_ctx(in.device()));
 }
 
+namespace {
+Tensor columns_op(const Tensor& in, int64_t start, int64_t cols, bool scatter) {
+  const char* op = scatter ? "scatter_columns" : "gather_columns";
+  need_2d(op, "in", in);
+  int64_t R = in.size(0), C = in.size(1);
+  if (scatter) {
+    MOE_CHECK(start >= 0 && cols >= start + C, op, ": columns [", start, ", ", start + C, ") do not fit ", cols,
+              " output columns");
+  } else {
+    MOE_CHECK(start >= 0 && cols >= 0 && start + cols <= C, op, ": columns [", start, ", ", start + cols,
+              ") out of range for ", in.desc());
+  }
+  Tensor out = Tensor::empty({R, cols}, in.dtype(), in.device());
+  ColumnsArgs a;
+  a.elem_size = static_cast<int64_t>(dtype_size(in.dtype()));
+  a.rows = R;
+  a.in_cols = C;
+  a.out_cols = cols;
+  a.start = start;
+  a.scatter = scatter;
+  a.in = in.data();
+  a.out = out.data();
+  need(table(in.device()).columns, in.device(), op)(a, exec_ctx(in.device()));
+  return out;
+}
+}  // namespace
+
+Tensor gather_columns(const Tensor& in, int64_t start, int64_t count) { return columns_op(in, start, count, false); }
+Tensor scatter_columns(const Tensor& in, int64_t start, int64_t total) { return columns_op(in, start, total, true); }
+
 void act_fwd(Activation act, bool glu, const Tensor& in, const Tensor* row_scale, Tensor& out) {
   const char* op = "act_fwd";
   need_2d(op, "in", in);

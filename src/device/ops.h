@@ -52,6 +52,10 @@ void scatter_rows_to_map(const Tensor& row_id_map, const Tensor& row_values, Ten
 void chunk_sort(const std::vector<int64_t>& split_sizes, const std::vector<int64_t>& sorted_idxs,
                 const Tensor& in, Tensor& out, const Tensor* probs = nullptr, Tensor* out_probs = nullptr);
 
+// out (R, C) = in[:, start : start + C]   /   out (R, C_total) = 0 with in placed at column start.
+Tensor gather_columns(const Tensor& in, int64_t start, int64_t count);
+Tensor scatter_columns(const Tensor& in, int64_t start, int64_t total_cols);
+
 void act_fwd(Activation act, bool glu, const Tensor& in, const Tensor* row_scale, Tensor& out);
 void act_bwd(Activation act, bool glu, const Tensor& in, const Tensor* row_scale, const Tensor& dout,
              Tensor& din, Tensor* drow_scale);

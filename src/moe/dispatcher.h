@@ -6,6 +6,7 @@
 //   dispatch_backward: d rows (N, H), d row probs (N)      →  dx (T, H), dprobs (T, E)
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -56,6 +57,72 @@ class LocalDispatcher final : public TokenDispatcher {
  private:
   Tensor row_id_map_;  // (T, E) i32 of the pending forward
   int64_t N_ = 0;
+};
+
+class Communicator;
+
+// Allgather dispatcher (Megatron's MoEAllGatherTokenDispatcher), over the ETP×EP group:
+//   dispatch: all-gather x, probs, map over ETP×EP → keep the local experts' columns → permute
+//   combine:  unpermute → reduce-scatter over ETP×EP (which also sums the ETP partial outputs)
+// The backward swaps all-gather and reduce-scatter.
+class AllGatherDispatcher final : public TokenDispatcher {
+ public:
+  // group: ETP×EP; local experts [first_expert, first_expert + num_local_experts).
+  AllGatherDispatcher(std::shared_ptr<Communicator> group, int64_t first_expert, int64_t num_local_experts);
+  std::string name() const override { return "allgather"; }
+  DispatchOutput dispatch(const Tensor& x, const Tensor& probs, const Tensor& routing_map) override;
+  Tensor combine(const Tensor& expert_output) override;
+  Tensor combine_backward(const Tensor& grad_output) override;
+  void dispatch_backward(const Tensor& grad_rows, const Tensor& grad_row_probs, Tensor& grad_x,
+                         Tensor& grad_probs) override;
+
+ private:
+  Tensor gather_rows(const Tensor& local);   // (T, ...) → (T_g, ...)
+  Tensor scatter_rows(const Tensor& global);  // (T_g, ...) → (T, ...), summed over the group
+  std::shared_ptr<Communicator> group_;
+  int64_t first_, G_;
+  int64_t E_ = 0;                   // of the pending forward
+  std::vector<int64_t> rank_rows_;  // (group size) tokens on each rank
+  Tensor row_id_map_;               // (T_g, G) i32
+  int64_t N_ = 0;
+};
+
+// All-to-all dispatcher (Megatron's MoEAlltoAllTokenDispatcher):
+//   dispatch: counts → all-gather over ETP×EP → splits; permute; all-to-all-v over EP;
+//             all-gather-v over ETP; sort chunks [source][local expert] → [local expert][source]
+//   combine:  inverse sort; reduce-scatter-v over ETP; all-to-all-v back over EP; unpermute
+// The backward is the mirror with the splits swapped.
+class AllToAllDispatcher final : public TokenDispatcher {
+ public:
+  // ep, etp and etp_ep groups of this rank; ep_rank_of / etp_rank_of give, for each member of
+  // etp_ep (in its rank order), that member's rank in the EP and ETP groups.
+  AllToAllDispatcher(std::shared_ptr<Communicator> ep, std::shared_ptr<Communicator> etp,
+                     std::shared_ptr<Communicator> etp_ep, std::vector<int> ep_rank_of, std::vector<int> etp_rank_of,
+                     int64_t num_experts);
+  std::string name() const override { return "alltoall"; }
+  DispatchOutput dispatch(const Tensor& x, const Tensor& probs, const Tensor& routing_map) override;
+  Tensor combine(const Tensor& expert_output) override;
+  Tensor combine_backward(const Tensor& grad_output) override;
+  void dispatch_backward(const Tensor& grad_rows, const Tensor& grad_row_probs, Tensor& grad_x,
+                         Tensor& grad_probs) override;
+
+ private:
+  // Local permuted rows (N_loc, ...) → expert-major rows of the local experts (N_g, ...), and back.
+  Tensor forward_path(const Tensor& local_rows);
+  Tensor reverse_path(const Tensor& expert_rows);
+  std::shared_ptr<Communicator> ep_, etp_, etp_ep_;
+  std::vector<int> ep_rank_of_, etp_rank_of_;
+  int64_t E_, G_;
+  // Of the pending forward:
+  Tensor row_id_map_;                     // (T, E) i32
+  int64_t N_local_ = 0, N_recv_ = 0, N_g_ = 0;
+  std::vector<int64_t> input_splits_;     // (EP) rows sent to each EP rank
+  std::vector<int64_t> output_splits_;    // (EP) rows received from each EP rank
+  std::vector<int64_t> etp_rows_;         // (ETP) rows each ETP rank holds after the all-to-all
+  std::vector<int64_t> chunk_sizes_;      // (ETP·EP·G) in [source][local expert] order
+  std::vector<int64_t> sort_order_;       // → [local expert][source]
+  std::vector<int64_t> sorted_sizes_;     // chunk sizes in [local expert][source] order
+  std::vector<int64_t> unsort_order_;     // back to [source][local expert]
 };
 
 // The permutation every dispatcher starts from: counts, offsets and the row map of a routing map.

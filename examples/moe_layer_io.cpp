@@ -142,6 +142,8 @@ int main(int argc, char** argv) {
     return run(argc, argv);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "moe_layer_io: %s\n", e.what());
+    std::fflush(stderr);
+    if (world_size() > 1) abort_world(1);  // peers may be waiting in a collective
     return 1;
   }
 }

@@ -55,5 +55,8 @@ bool mpi_available();
 // World rank/size from MPI when it is initialised or launched under mpirun, else 0/1.
 int world_rank();
 int world_size();
+// Ends the whole job after an error on this rank: MPI_Abort when MPI runs (so peers blocked in a
+// collective do not wait for their timeout), else exit. For programs' top-level error handlers.
+[[noreturn]] void abort_world(int code);
 
 }  // namespace moe

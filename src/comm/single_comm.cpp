@@ -1,5 +1,7 @@
 // The single-rank communicator (a group of one: every collective is a copy, after the same argument
 // checks as the real backends) and, for builds without MPI, the world fallbacks.
+#include <cstdlib>
+
 #include "comm/comm_util.h"
 #include "moecore/comm.h"
 
@@ -20,6 +22,7 @@ std::shared_ptr<Communicator> mpi_world() {
 bool mpi_available() { return false; }
 int world_rank() { return 0; }
 int world_size() { return 1; }
+[[noreturn]] void abort_world(int code) { std::exit(code); }
 #endif
 
 }  // namespace moe

@@ -91,7 +91,7 @@ class LayerIo : public ::testing::Test {
       if (p->trainable) inputs.emplace_back(p->name, p->value);
     save_safetensors(in_path, inputs);
   }
-  const int64_t S = 5, B = 2;
+  const int64_t S = 8, B = 2;
   MoEConfig cfg;
   std::string cfg_path, in_path, out_path;
   std::vector<std::pair<std::string, Tensor>> inputs;
@@ -186,6 +186,75 @@ TEST_F(LayerIo, BadInputsFailClearlyAndWriteNothing) {
   r = run_tool("--config " + cfg_path + " --in " + tmpdir() + "/nope.safetensors --out " + out_path);
   EXPECT_NE(r.status, 0);
   EXPECT_FALSE(exists(out_path));
+}
+
+// Under mpirun: layouts with DP = 1 write what one process writes (parameter gradients divided by
+// CP, Megatron's mean over the DP·CP replicas).
+TEST_F(LayerIo, UnderMpirunMatchesOneProcess) {
+#ifndef MOE_MPIEXEC
+  GTEST_SKIP() << "built without MPI";
+#else
+  ToolRun r = run_tool("--config " + cfg_path + " --in " + in_path + " --out " + out_path);
+  ASSERT_EQ(r.status, 0) << r.output;
+  SafetensorsFile ref = load_safetensors(out_path);
+  struct Case {
+    int np;
+    int64_t tp, cp, ep, etp;
+    const char* dispatcher;
+  };
+  const Case cases[] = {{2, 2, 1, 2, 1, "alltoall"}, {4, 2, 2, 4, 1, "alltoall"}, {4, 4, 1, 2, 2, "allgather"}};
+  for (const Case& c : cases) {
+    SCOPED_TRACE("np " + std::to_string(c.np) + " tp " + std::to_string(c.tp) + " cp " + std::to_string(c.cp) +
+                 " ep " + std::to_string(c.ep) + " etp " + std::to_string(c.etp) + " " + c.dispatcher);
+    MoEConfig pc = cfg;
+    pc.moe_ffn_hidden_size = 8;
+    pc.moe_shared_expert_intermediate_size = 8;
+    pc.tensor_model_parallel_size = c.tp;
+    pc.context_parallel_size = c.cp;
+    pc.expert_model_parallel_size = c.ep;
+    pc.expert_tensor_parallel_size = c.etp;
+    pc.moe_token_dispatcher_type = c.dispatcher;
+    MoEConfig sc = pc;  // the same model on one process
+    sc.tensor_model_parallel_size = sc.context_parallel_size = sc.expert_model_parallel_size = 1;
+    sc.expert_tensor_parallel_size = 1;
+    // Inputs for this model width: parameters of a seed-99 layer.
+    MoEConfig other = sc;
+    other.seed = 99;
+    MoELayer src(other, Device::cpu());
+    std::vector<std::pair<std::string, Tensor>> in{inputs[0], inputs[1]};
+    for (Parameter* p : src.parameters())
+      if (p->trainable) in.emplace_back(p->name, p->value);
+    std::string pin = tmpdir() + "/in_mpi.safetensors", pcfg = tmpdir() + "/cfg_mpi.json";
+    std::string scfg = tmpdir() + "/cfg_one.json", sout = tmpdir() + "/out_one.safetensors";
+    save_safetensors(pin, in);
+    write_text(pcfg, config_to_json(pc));
+    write_text(scfg, config_to_json(sc));
+    std::remove(out_path.c_str());
+    ToolRun one_run = run_tool("--config " + scfg + " --in " + pin + " --out " + sout);
+    ASSERT_EQ(one_run.status, 0) << one_run.output;
+    std::string env = "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1 ";
+    std::string cmd = env + MOE_MPIEXEC + std::string(" -n ") + std::to_string(c.np) +
+                      " --oversubscribe --allow-run-as-root --bind-to none " + MOE_LAYER_IO_EXE + " --config " + pcfg +
+                      " --in " + pin + " --out " + out_path + " > " + tmpdir() + "/mpi_log.txt 2>&1";
+    int rc = std::system(cmd.c_str());
+    std::ifstream log(tmpdir() + "/mpi_log.txt");
+    std::string text((std::istreambuf_iterator<char>(log)), std::istreambuf_iterator<char>());
+    ASSERT_TRUE(WIFEXITED(rc) && WEXITSTATUS(rc) == 0) << text;
+    SafetensorsFile got = load_safetensors(out_path), want = load_safetensors(sout);
+    ASSERT_EQ(got.names.size(), want.names.size());
+    for (const std::string& n : want.names) {
+      ASSERT_TRUE(got.contains(n)) << n;
+      if (n == "routing_map" || n == "tokens_per_expert") {
+        EXPECT_TRUE(test::bit_equal(got.at(n), want.at(n))) << n;
+        continue;
+      }
+      double scale = n.rfind("grad.", 0) == 0 && n != "grad_hidden_states" ? 1.0 / static_cast<double>(c.cp) : 1.0;
+      std::vector<double> w = test::to_f64(want.at(n));
+      for (double& v : w) v *= scale;
+      EXPECT_TRUE(test::all_close(test::to_f64(got.at(n)), w, 1e-6, 1e-4)) << n;
+    }
+  }
+#endif
 }
 
 }  // namespace

@@ -577,6 +577,11 @@ int world_rank() {
   return env_int(names, 0);
 }
 
+[[noreturn]] void abort_world(int code) {
+  if (mpi_running()) MPI_Abort(MPI_COMM_WORLD, code);
+  std::exit(code);
+}
+
 int world_size() {
   if (mpi_running()) {
     int n = 1;

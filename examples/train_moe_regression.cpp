@@ -10,6 +10,12 @@
 // --threads, --expect-loss-drop X (exit 3 unless the loss falls by X times from its start).
 // Prints one progress line every --log-interval steps: step, loss, aux loss, tokens/s and the
 // min/max tokens any expert received.
+//
+// Under mpirun any valid Parallel Folding layout runs; the world size gives DP:
+//   mpirun -np 4 train_moe_regression --expert-model-parallel-size 4 --moe-token-dispatcher-type alltoall
+//   mpirun -np 4 train_moe_regression --tensor-model-parallel-size 2 --expert-model-parallel-size 2
+// The global batch (seq-length × micro-batch-size) is split over TP·CP (sequence) and DP (batch);
+// the loss is the mean over the global batch, the numbers printed are global.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -73,20 +79,41 @@ int run(int argc, char** argv) {
             cfg.params_dtype);
   if (threads > 0) set_num_threads(static_cast<int>(threads));
 
+  // One process, or the world of mpirun split by the config's parallel sizes.
+  std::shared_ptr<Communicator> world;
+  std::shared_ptr<ProcessGroups> groups;
+  if (world_size() > 1) {
+    world = mpi_world();
+    validate_parallel(cfg, world->size());
+    groups = ProcessGroups::build(world, parallel_sizes_from_config(cfg, world->size()));
+  } else {
+    world = make_single_communicator("world");
+    groups = ProcessGroups::single();
+  }
+  const bool root = world->rank() == 0;
+  const TokenShard shard = token_shard(*groups, S, B);
+  const double replicas = static_cast<double>(groups->dp_cp().size());
+
   Device dev = default_device();
   MoEConfig teacher_cfg = cfg;
   teacher_cfg.seed = cfg.seed + 1000003;
   if (teacher_std > 0) teacher_cfg.init_method_std = teacher_std;
   teacher_cfg.moe_input_jitter_eps.reset();
-  MoELayer teacher(teacher_cfg, dev);
-  MoELayer student(cfg, dev);
+  MoELayer teacher(teacher_cfg, dev, groups);
+  MoELayer student(cfg, dev, groups);
   Adam adam(student.parameters(), AdamConfig{lr});
   const int64_t H = cfg.hidden_size, E = cfg.num_moe_experts, T = S * B;
 
-  std::printf("train_moe_regression: %s | H %lld E %lld F %lld top-%lld %s%s | %lld tokens/step | %s\n",
+  if (root)
+    std::printf("train_moe_regression: %s | H %lld E %lld F %lld top-%lld %s%s | %lld tokens/step | %s\n",
               get_backend(dev).name().c_str(), (long long)H, (long long)E, (long long)cfg.moe_ffn_hidden_size,
               (long long)cfg.moe_router_topk, cfg.gated_linear_unit ? "glu-" : "", cfg.activation_func.c_str(),
               (long long)(T * num_mb), build_info().c_str());
+  if (root && world->size() > 1)
+    std::printf("layout: world %d | tp %lld cp %lld dp %lld | ep %lld etp %lld edp %lld | dispatcher %s\n",
+                world->size(), (long long)groups->tp().size(), (long long)groups->cp().size(),
+                (long long)groups->dp_size(), (long long)groups->ep().size(), (long long)groups->etp().size(),
+                (long long)groups->edp_size(), cfg.moe_token_dispatcher_type.c_str());
 
   double first_loss = -1, window_loss = 0, window_aux = 0, last_window = 0;
   int64_t window_n = 0, window_tokens = 0;
@@ -96,7 +123,8 @@ int run(int argc, char** argv) {
     student.zero_grad();
     double step_loss = 0, step_aux = 0;
     for (int64_t mb = 0; mb < num_mb; ++mb) {
-      Tensor x = make_batch(S, B, H, cfg.seed * 7919 + static_cast<uint64_t>(step * num_mb + mb), dev);
+      Tensor x_full = make_batch(S, B, H, cfg.seed * 7919 + static_cast<uint64_t>(step * num_mb + mb), Device::cpu());
+      Tensor x = take_tokens(x_full, shard).to(dev);  // (s_len, b_len, H) this rank's tokens
       ForwardContext tctx;
       tctx.training = false;
       Tensor target = teacher.forward(x, tctx);
@@ -106,15 +134,24 @@ int run(int argc, char** argv) {
       ctx.loss_scale = 1.0 / static_cast<double>(num_mb);
       Tensor y = student.forward(x, ctx);
       Tensor dy = Tensor::empty(y.shape(), y.dtype(), dev);
-      const double n = static_cast<double>(y.numel());
-      double sq = mse_loss(y, target, &dy, 1.0 / (n * static_cast<double>(num_mb)));
+      // The mean over the global batch; the gradient is scaled by the DP·CP replicas that
+      // finalize_grads averages over, so the update is that of the global mean.
+      const double n = static_cast<double>(T * H);
+      double sq = mse_loss(y, target, &dy, replicas / (n * static_cast<double>(num_mb)));
       student.backward(dy);
-      step_loss += sq / n / static_cast<double>(num_mb);
-      step_aux += student.last_routing().aux_loss / static_cast<double>(num_mb);
-      const auto& load = student.last_routing().tokens_per_expert;
-      for (int64_t e = 0; e < E; ++e) window_load[static_cast<size_t>(e)] += load[static_cast<size_t>(e)];
+      Tensor stats = Tensor::from_vector(std::vector<double>{sq, student.last_routing().aux_loss}, {2});
+      world->all_reduce(stats);
+      std::vector<double> st = stats.to_vector<double>();
+      step_loss += st[0] / n / static_cast<double>(num_mb);
+      // aux_loss is summed over TP×CP on each rank: average the DP replicas' values.
+      step_aux += st[1] / static_cast<double>(groups->tp_cp().size() * groups->dp_size() * num_mb);
+      Tensor load = Tensor::from_vector(student.last_routing().tokens_per_expert, {E});
+      world->all_reduce(load);
+      std::vector<int64_t> lv = load.to_vector<int64_t>();
+      for (int64_t e = 0; e < E; ++e) window_load[static_cast<size_t>(e)] += lv[static_cast<size_t>(e)];
       window_tokens += T;
     }
+    finalize_grads(student.parameters(), *groups);
     // Megatron's schedule: linear warm-up, then constant / linear / cosine decay to min-lr.
     double lr_now = lr;
     if (step <= warmup) {
@@ -135,7 +172,8 @@ int run(int argc, char** argv) {
       double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       auto [mn, mx] = std::minmax_element(window_load.begin(), window_load.end());
       last_window = window_loss / static_cast<double>(window_n);
-      std::printf("step %5lld/%lld | loss %.4e | aux loss %.4e | tokens/s %.0f | expert load min %lld max %lld\n",
+      if (root)
+        std::printf("step %5lld/%lld | loss %.4e | aux loss %.4e | tokens/s %.0f | expert load min %lld max %lld\n",
                   (long long)step, (long long)iters, last_window, window_aux / static_cast<double>(window_n),
                   static_cast<double>(window_tokens) / std::max(secs, 1e-9), (long long)*mn, (long long)*mx);
       std::fflush(stdout);
@@ -146,9 +184,10 @@ int run(int argc, char** argv) {
     }
   }
   double drop = first_loss / std::max(last_window, 1e-300);
-  std::printf("done: loss %.4e -> %.4e (fell %.1fx)\n", first_loss, last_window, drop);
+  if (root) std::printf("done: loss %.4e -> %.4e (fell %.1fx)\n", first_loss, last_window, drop);
   if (expect_drop > 0 && !(drop >= expect_drop)) {
-    std::fprintf(stderr, "train_moe_regression: the loss fell %.2fx, expected at least %.2fx\n", drop, expect_drop);
+    if (root)
+      std::fprintf(stderr, "train_moe_regression: the loss fell %.2fx, expected at least %.2fx\n", drop, expect_drop);
     return 3;
   }
   return 0;
@@ -161,6 +200,8 @@ int main(int argc, char** argv) {
     return run(argc, argv);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "train_moe_regression: %s\n", e.what());
+    std::fflush(stderr);
+    if (world_size() > 1) abort_world(1);  // peers may be waiting in a collective
     return 1;
   }
 }

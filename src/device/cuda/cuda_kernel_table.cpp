@@ -1,0 +1,40 @@
+// The CUDA backend's kernel table: one entry per op of kernels/ops.h.
+#include "device/cuda/cuda_backend.h"
+#include "kernels/cuda/cuda_kernels.h"
+
+namespace moe {
+
+const KernelTable& cuda_kernel_table() {
+  static const KernelTable table = [] {
+    KernelTable t;
+    t.gemm = cuda_gemm;
+    t.grouped_gemm = cuda_grouped_gemm;
+    t.router_topk = cuda_router_topk;
+    t.router_topk_bwd = cuda_router_topk_bwd;
+    t.aux_stats = cuda_aux_stats;
+    t.aux_loss_bwd = cuda_aux_loss_bwd;
+    t.z_loss_fwd = cuda_z_loss_fwd;
+    t.z_loss_bwd = cuda_z_loss_bwd;
+    t.capacity = cuda_capacity;
+    t.routing_counts = cuda_routing_counts;
+    t.permute_index = cuda_permute_index;
+    t.permute = cuda_permute;
+    t.unpermute = cuda_unpermute;
+    t.chunk_sort = cuda_chunk_sort;
+    t.act_fwd = cuda_act_fwd;
+    t.act_bwd = cuda_act_bwd;
+    t.axpby = cuda_axpby;
+    t.mul = cuda_mul;
+    t.unary = cuda_unary;
+    t.cast = cuda_cast;
+    t.scale_rows = cuda_scale_rows;
+    t.row_dot = cuda_row_dot;
+    t.jitter = cuda_jitter;
+    t.mse = cuda_mse;
+    t.adam = cuda_adam;
+    return t;
+  }();
+  return table;
+}
+
+}  // namespace moe

@@ -23,6 +23,8 @@ void cuda_permute_index(const PermuteIndexArgs&, const ExecCtx&);
 void cuda_permute(const PermuteArgs&, const ExecCtx&);
 void cuda_unpermute(const UnpermuteArgs&, const ExecCtx&);
 void cuda_chunk_sort(const ChunkSortArgs&, const ExecCtx&);
+// columns.cu
+void cuda_columns(const ColumnsArgs&, const ExecCtx&);
 // activation.cu
 void cuda_act_fwd(const ActFwdArgs&, const ExecCtx&);
 void cuda_act_bwd(const ActBwdArgs&, const ExecCtx&);

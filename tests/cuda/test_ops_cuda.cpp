@@ -494,6 +494,20 @@ TEST(CudaOps, ChunkSort) {
       }
 }
 
+// Column blocks (the allgather dispatcher's local-expert slice and its scatter back), every element
+// size, bit-exact.
+TEST(CudaOps, Columns) {
+  uint64_t seed = 950;
+  for (DType dt : {DType::u8, DType::bf16, DType::f32, DType::f64})
+    for (int64_t R : {int64_t{0}, int64_t{1}, int64_t{37}}) {
+      SCOPED_TRACE(std::string(dtype_name(dt)) + " R=" + std::to_string(R));
+      Tensor in = dt == DType::u8 ? Tensor::from_vector(std::vector<uint8_t>(static_cast<size_t>(R * 9), 1), {R, 9})
+                                  : test::randn({R, 9}, dt, ++seed);
+      EXPECT_TRUE(bit_equal(ops::gather_columns(put(in, gpu()), 2, 5), ops::gather_columns(in, 2, 5)));
+      EXPECT_TRUE(bit_equal(ops::scatter_columns(put(in, gpu()), 3, 16), ops::scatter_columns(in, 3, 16)));
+    }
+}
+
 // Row offsets beyond 2^31 bytes (and elements): the 64-bit index paths of permute / unpermute, with
 // 16-byte words (H·4 divisible by 16) and 4-byte words (H odd). Needs about 7 GiB on the GPU.
 TEST(CudaOps, PermuteRowOffsetsBeyond2GiB) {

@@ -21,6 +21,7 @@ const KernelTable& cuda_kernel_table() {
     t.permute = cuda_permute;
     t.unpermute = cuda_unpermute;
     t.chunk_sort = cuda_chunk_sort;
+    t.columns = cuda_columns;
     t.act_fwd = cuda_act_fwd;
     t.act_bwd = cuda_act_bwd;
     t.axpby = cuda_axpby;

@@ -114,7 +114,7 @@ int run(int argc, char** argv) {
   tensors.emplace_back("output", tokens(out, H));
   tensors.emplace_back("grad_hidden_states", tokens(dx, H));
   for (Parameter* p : layer.parameters())
-    if (p->trainable) tensors.emplace_back("grad." + p->name, gather_parameter(*p, true, *world));
+    if (p->trainable) tensors.emplace_back("grad." + p->name, to_f32_host(gather_parameter(*p, true, *world)));
   tensors.emplace_back("probs", tokens(routing.probs, E).view({T, E}));
   Tensor map_local = routing.routing_map.to(Device::cpu()).view({shard.s_len, shard.b_len, E});
   tensors.emplace_back("routing_map", gather_tokens(map_local, shard, S, B, *world).view({T, E}));

@@ -313,3 +313,44 @@ TEST(MoELayer, BadInputIsAClearError) {
 }
 
 }  // namespace
+
+namespace {
+
+// bf16 parameters and activations (f32 router and compute): the same function as f32, to bf16's
+// precision.
+TEST(MoELayer, Bf16FollowsF32) {
+  MoEConfig c = base_config();
+  c.moe_shared_expert_intermediate_size = 8;
+  c.moe_shared_expert_gate = true;
+  c.init_method_std = 0.25;
+  const int64_t T = 24;
+  Tensor x32 = randn({T, c.hidden_size}, DType::f32, 71);
+  Tensor g32 = randn({T, c.hidden_size}, DType::f32, 72);
+  // Round the inputs to bf16 first so both runs see the same values.
+  x32 = x32.to_dtype(DType::bf16).to_dtype(DType::f32);
+  g32 = g32.to_dtype(DType::bf16).to_dtype(DType::f32);
+  MoELayer f(c, Device::cpu());
+  MoEConfig cb = c;
+  cb.params_dtype = "bf16";
+  MoELayer b(cb, Device::cpu());
+  EXPECT_EQ(b.router().router_dtype(), DType::f32);
+  // Same parameter values: the bf16 layer's, widened.
+  for (Parameter* p : f.parameters()) {
+    Parameter* q = b.find_parameter(p->name);
+    ASSERT_NE(q, nullptr) << p->name;
+    if (p->value.defined()) p->value.copy_from(q->value.to_dtype(p->value.dtype()));
+  }
+  Tensor yf = f.forward(x32, ForwardContext{});
+  Tensor yb = b.forward(x32.to_dtype(DType::bf16), ForwardContext{});
+  EXPECT_TRUE(test::bit_equal(f.last_routing().routing_map, b.last_routing().routing_map));
+  EXPECT_TRUE(all_close(yb, yf, 2e-2, 2e-2));
+  Tensor dxf = f.backward(g32), dxb = b.backward(g32.to_dtype(DType::bf16));
+  EXPECT_TRUE(all_close(dxb, dxf, 2e-2, 2e-2));
+  for (Parameter* p : f.parameters()) {
+    if (!p->trainable) continue;
+    EXPECT_EQ(b.find_parameter(p->name)->grad.dtype(), DType::bf16);
+    EXPECT_TRUE(all_close(b.find_parameter(p->name)->grad, p->grad, 3e-2, 3e-2)) << p->name;
+  }
+}
+
+}  // namespace

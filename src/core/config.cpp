@@ -2,6 +2,8 @@
 // and key listing; validate() is the single place cross-key rules live (Megatron Core's checks).
 #include "moecore/config.h"
 
+#include "core/json_strict.h"
+
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
@@ -368,31 +370,10 @@ std::vector<std::string> closest_keys(const std::string& name, size_t n = 3) {
             " keys in all, see moe::config_keys())");
 }
 
-// Parses JSON text; a syntax error says line and column, a repeated key in any object is an error
-// (nlohmann would keep the last one silently).
+// Parses JSON text; a syntax error says line and column, a repeated key in any object is an error.
 json parse_json_text(const std::string& text, const std::string& source) {
-  std::vector<std::set<std::string>> open_objects;
   std::string duplicate;
-  json::parser_callback_t cb = [&](int, json::parse_event_t event, json& parsed) {
-    if (event == json::parse_event_t::object_start) {
-      open_objects.emplace_back();
-    } else if (event == json::parse_event_t::object_end) {
-      if (!open_objects.empty()) open_objects.pop_back();
-    } else if (event == json::parse_event_t::key && !open_objects.empty() && parsed.is_string()) {
-      if (!open_objects.back().insert(parsed.get<std::string>()).second && duplicate.empty())
-        duplicate = parsed.get<std::string>();
-    }
-    return true;
-  };
-  json j;
-  try {
-    j = json::parse(text, cb);
-  } catch (const json::parse_error& e) {
-    std::string what = e.what();
-    size_t p = what.find("] ");
-    if (what.rfind("[json.exception", 0) == 0 && p != std::string::npos) what = what.substr(p + 2);
-    MOE_THROW(ErrorCode::invalid_argument, source, ": not valid JSON: ", what);
-  }
+  json j = parse_json_strict(text, source, &duplicate);
   MOE_CHECK(duplicate.empty(), source, ": duplicate key '", duplicate, "' (each key may appear once)");
   return j;
 }

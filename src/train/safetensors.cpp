@@ -4,6 +4,8 @@
 // never leaves a half-written file at the target path.
 #include "moecore/safetensors.h"
 
+#include "core/json_strict.h"
+
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -97,25 +99,8 @@ void read_exact(int fd, void* dst, uint64_t bytes, uint64_t offset, const std::s
 
 // Parses the header JSON; a repeated tensor name is an error (nlohmann would keep the last one).
 json parse_header(const std::string& text, const std::string& path) {
-  std::vector<std::set<std::string>> open_objects;
   std::string duplicate;
-  json::parser_callback_t cb = [&](int, json::parse_event_t event, json& parsed) {
-    if (event == json::parse_event_t::object_start) {
-      open_objects.emplace_back();
-    } else if (event == json::parse_event_t::object_end) {
-      if (!open_objects.empty()) open_objects.pop_back();
-    } else if (event == json::parse_event_t::key && !open_objects.empty() && parsed.is_string()) {
-      if (!open_objects.back().insert(parsed.get<std::string>()).second && duplicate.empty())
-        duplicate = parsed.get<std::string>();
-    }
-    return true;
-  };
-  json header;
-  try {
-    header = json::parse(text, cb);
-  } catch (const json::parse_error& e) {
-    MOE_THROW(ErrorCode::invalid_argument, "safetensors file '", path, "': header is not valid JSON: ", e.what());
-  }
+  json header = parse_json_strict(text, "safetensors file '" + path + "': header", &duplicate);
   MOE_CHECK(duplicate.empty(), "safetensors file '", path, "': header has the key '", duplicate,
             "' twice (tensor names must be unique)");
   MOE_CHECK(header.is_object(), "safetensors file '", path, "': header must be a JSON object, got ",

@@ -63,16 +63,8 @@ int run(int argc, char** argv) {
   const int64_t S = hs.size(0), B = hs.size(1), T = S * B;
 
   // Ranks and groups: one process, or the world of mpirun split by the config's parallel sizes.
-  std::shared_ptr<Communicator> world;
-  std::shared_ptr<ProcessGroups> groups;
-  if (world_size() > 1) {
-    world = mpi_world();
-    validate_parallel(cfg, world->size());
-    groups = ProcessGroups::build(world, parallel_sizes_from_config(cfg, world->size()));
-  } else {
-    world = make_single_communicator("world");
-    groups = ProcessGroups::single();
-  }
+  std::shared_ptr<ProcessGroups> groups = ProcessGroups::for_launch(cfg);
+  std::shared_ptr<Communicator> world = groups->world_ptr();
   const TokenShard shard = token_shard(*groups, S, B);
 
   Device dev = default_device();

@@ -99,6 +99,9 @@ class ProcessGroups {
   static std::shared_ptr<ProcessGroups> build(std::shared_ptr<Communicator> world, const ParallelSizes& sizes);
   // One process: every group is a single-rank communicator.
   static std::shared_ptr<ProcessGroups> single();
+  // What a program launched by mpirun (or alone) runs on: the MPI world split by the config's
+  // parallel sizes (validated against the world size first), or single() for one process.
+  static std::shared_ptr<ProcessGroups> for_launch(const MoEConfig& config);
 
   Communicator& world() const { return *world_; }
   std::shared_ptr<Communicator> world_ptr() const { return world_; }

@@ -2,6 +2,8 @@
 #include "comm/comm_util.h"
 #include "moecore/parallel.h"
 
+#include "moecore/config.h"
+
 namespace moe {
 
 std::shared_ptr<ProcessGroups> ProcessGroups::build(std::shared_ptr<Communicator> world, const ParallelSizes& sizes) {
@@ -43,6 +45,16 @@ std::shared_ptr<ProcessGroups> ProcessGroups::single() {
   for (GroupKind kind : all_group_kinds())
     pg->groups_[static_cast<size_t>(kind)] = make_single_communicator(group_kind_name(kind));
   return pg;
+}
+
+std::shared_ptr<ProcessGroups> ProcessGroups::for_launch(const MoEConfig& config) {
+  if (world_size() <= 1) {
+    validate_parallel(config, 1);
+    return single();
+  }
+  std::shared_ptr<Communicator> world = mpi_world();
+  validate_parallel(config, world->size());
+  return build(world, parallel_sizes_from_config(config, world->size()));
 }
 
 }  // namespace moe

@@ -35,6 +35,7 @@ class GroupedExperts {
   // x (N, H), rows (G) per local expert, probs (N) in the prob dtype → y (N, H).
   Tensor forward(const Tensor& x, const std::vector<int64_t>& rows, const Tensor& probs, ActivationStore& store);
   // dy (N, H) → dx (N, H) overwritten, dprobs (N) overwritten; fc1/fc2 grads accumulated.
+  // dx may be dy itself (dy is read before dx is written).
   void backward(const Tensor& dy, Tensor& dx, Tensor& dprobs, ActivationStore& store);
 
   Parameter& fc1() { return fc1_; }  // experts.linear_fc1.weight local (G, F1_local, H)

@@ -6,6 +6,7 @@
 // a token's copies in expert order in the compute type (f32 for f32/bf16/f16, f64 for f64).
 // Parallel loops split tokens (or fixed blocks of tokens) across threads; every output element is
 // produced by exactly one iteration in a fixed order, so results do not depend on the thread count.
+// The unweighted f32 sum (the layer's combine) runs 16 lanes at a time (sum_rows_f32).
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
@@ -159,6 +160,37 @@ inline T_ store_as(A v) {
   }
 }
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MOE_PERM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MOE_PERM_CLONES
+#endif
+// Vectors are passed only to always-inlined code (no call ABI involved).
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+// o (H) = src[0] + src[1] + ... + src[n-1] in f32, in that order (n ≥ 2), 16 lanes at a time with
+// GCC/Clang vector extensions: every source row streams once, the sum stays in registers. The
+// same additions in the same order as the scalar loop, so the same bits.
+MOE_PERM_CLONES void sum_rows_f32(const float* const* src, size_t n, float* o, int64_t H) {
+  typedef float vf __attribute__((vector_size(64)));
+  constexpr int64_t kL = 16;
+  int64_t h = 0;
+  for (; h + kL <= H; h += kL) {
+    vf acc, x;
+    std::memcpy(&acc, src[0] + h, sizeof acc);
+    for (size_t j = 1; j < n; ++j) {
+      std::memcpy(&x, src[j] + h, sizeof x);
+      acc += x;
+    }
+    std::memcpy(o + h, &acc, sizeof acc);
+  }
+  for (; h < H; ++h) {
+    float a = src[0][h];
+    for (size_t j = 1; j < n; ++j) a += src[j][h];
+    o[h] = a;
+  }
+}
+
 // out[t] = Σ_e w · in[row(t, e)] over routed e in expert order, accumulated in the compute type.
 // The first routed copy initialises the sum (so one unweighted copy comes back bit-exact, -0 too);
 // an unrouted token gets zeros. One or two copies (top-1, top-2) take a single fused pass over
@@ -208,6 +240,12 @@ void cpu_unpermute(const UnpermuteArgs& a, const ExecCtx&) {
                 return to_acc(src[j][h]);
             };
             T_* o = out + t * H;
+            if constexpr (std::is_same_v<T_, float> && !kWeights) {  // the layer's combine: plain f32 sums
+              if (n >= 2) {
+                sum_rows_f32(src.data(), n, o, H);
+                continue;
+              }
+            }
             if (n == 0) {
               if (H) std::memset(static_cast<void*>(o), 0, static_cast<size_t>(H) * sizeof(T_));
             } else if (n == 1) {

@@ -55,8 +55,12 @@ Tensor AllToAllDispatcher::forward_path(const Tensor& local) {
   const int64_t rb = row_bytes(local);
   traffic_.bytes_sent += (N_local_ - input_splits_[static_cast<size_t>(p)]) * rb;
   traffic_.bytes_received += (N_recv_ - output_splits_[static_cast<size_t>(p)]) * rb;
-  Tensor gathered = rows_like(local, N_g_);  // (N_g, ·) in [source][local expert] order
-  etp_->all_gather_v(recv, gathered, etp_rows_);
+  // (N_g, ·) in [source][local expert] order; without ETP the received rows are already all of them.
+  Tensor gathered = recv;
+  if (etp_->size() > 1) {
+    gathered = rows_like(local, N_g_);
+    etp_->all_gather_v(recv, gathered, etp_rows_);
+  }
   traffic_.bytes_sent += N_recv_ * rb * (etp_->size() - 1);
   traffic_.bytes_received += (N_g_ - etp_rows_[static_cast<size_t>(q)]) * rb;
   traffic_.calls += 2;
@@ -69,8 +73,11 @@ Tensor AllToAllDispatcher::reverse_path(const Tensor& expert_rows) {
   const int p = ep_->rank(), q = etp_->rank();
   Tensor unsorted = rows_like(expert_rows, N_g_);  // (N_g, ·) [source][local expert]
   ops::chunk_sort(sorted_sizes_, unsort_order_, expert_rows, unsorted);
-  Tensor mine = rows_like(expert_rows, N_recv_);   // (N_recv, ·), summed over ETP
-  etp_->reduce_scatter_v(unsorted, mine, etp_rows_);
+  Tensor mine = unsorted;  // (N_recv, ·), summed over ETP (without ETP, the rows themselves)
+  if (etp_->size() > 1) {
+    mine = rows_like(expert_rows, N_recv_);
+    etp_->reduce_scatter_v(unsorted, mine, etp_rows_);
+  }
   const int64_t rb = row_bytes(expert_rows);
   traffic_.bytes_sent += (N_g_ - etp_rows_[static_cast<size_t>(q)]) * rb;
   traffic_.bytes_received += N_recv_ * rb * (etp_->size() - 1);

@@ -143,21 +143,27 @@ void GroupedExperts::backward(const Tensor& dy, Tensor& dx, Tensor& dprobs, Acti
   dprobs.check_shape({N}, "GroupedExperts::backward: dprobs");
   dprobs.check_dtype(pdt, "GroupedExperts::backward: dprobs");
 
+  // Buffers are reused once dead, so the backward holds at most one (N, F1) and one (N, F) tensor
+  // beyond the saved slots: da takes a's buffer after dW2 has read a; on the CPU, whose act_bwd
+  // reads every element before writing it, dh takes h's buffer (other backends get a fresh one);
+  // dx may be dy's buffer (the caller's choice): dy is last read before dx is written.
+
   // fc2: dW2 += dyᵀ a, da = dy · W2
   store.prefetch(s_h);
-  Tensor a = store.get(s_a);                            // (N, F)
-  ops::grouped_gemm(GroupedGemmMode::wgrad, dy, a, fc2_.grad, rows_, /*accumulate=*/true);
-  Tensor da = Tensor::empty({N, F_}, dt, device_);      // (N, F)
-  ops::grouped_gemm(GroupedGemmMode::dgrad, dy, fc2_.value, da, rows_);
+  Tensor da = store.get(s_a);                           // a (N, F), then da
+  ops::grouped_gemm(GroupedGemmMode::wgrad, dy, da, fc2_.grad, rows_, /*accumulate=*/true);
   store.drop(s_a);
+  ops::grouped_gemm(GroupedGemmMode::dgrad, dy, fc2_.value, da, rows_);
 
   // activation × prob: dh, dprobs
   Tensor h = store.get(s_h);                            // (N, F1)
   Tensor p = store.get(s_p);                            // (N)
-  Tensor dh = Tensor::empty(h.shape(), dt, device_);    // (N, F1)
+  Tensor dh = device_.is_cpu() ? h : Tensor::empty(h.shape(), dt, device_);  // (N, F1)
   ops::act_bwd(act, glu, h, &p, da, dh, &dprobs);
   store.drop(s_h);
   store.drop(s_p);
+  h = Tensor();
+  da = Tensor();
 
   // fc1: dW1 += dhᵀ x, dx = dh · W1
   Tensor x = store.get(s_x);                            // (N, H)

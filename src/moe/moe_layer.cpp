@@ -97,8 +97,8 @@ Tensor MoELayer::backward(const Tensor& grad_output) {
   Tensor dout = grad_output.view({grad_output.numel() / H, H});  // (T, H)
   const int64_t T = dout.size(0);
 
-  Tensor dy = dispatcher_->combine_backward(dout);  // (N, H)
-  Tensor drows = Tensor::empty(dy.shape(), dy.dtype(), device_);
+  Tensor dy = dispatcher_->combine_backward(dout);  // (N, H), a fresh tensor
+  Tensor drows = dy;  // the experts' dx overwrites dy: their backward reads dy before it writes dx
   Tensor drow_probs = Tensor::empty({dy.size(0)}, ops::prob_dtype_for(dy.dtype()), device_);
   experts_->backward(dy, drows, drow_probs, store_);
 

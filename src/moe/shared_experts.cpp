@@ -178,18 +178,21 @@ void SharedExperts::backward(const Tensor& dout, Tensor& dx, ActivationStore& st
     store.drop(s_y);
   }
 
-  // fc2: dW2 += dygᵀ a, da = dyg · W2
+  // fc2: dW2 += dygᵀ a, da = dyg · W2. As in the routed experts, da takes a's buffer once dW2 has
+  // read a, and on the CPU dh takes h's (its act_bwd reads every element before writing it).
   Tensor dyg = gather_tokens(tp_, dy);  // (T·tp, H)
-  Tensor a = store.get(s_a);            // (T·tp, F)
-  ops::gemm(dyg, true, a, false, fc2_.grad, 1.0, 1.0);
-  Tensor da = ops::matmul(dyg, false, fc2_.value, false);  // (T·tp, F)
+  Tensor da = store.get(s_a);           // a (T·tp, F), then da
+  ops::gemm(dyg, true, da, false, fc2_.grad, 1.0, 1.0);
   store.drop(s_a);
+  ops::gemm(dyg, false, fc2_.value, false, da, 1.0, 0.0);
 
   // activation
-  Tensor h = store.get(s_h);                          // (T·tp, F1)
-  Tensor dh = Tensor::empty(h.shape(), dt, device_);  // (T·tp, F1)
+  Tensor h = store.get(s_h);                                                  // (T·tp, F1)
+  Tensor dh = device_.is_cpu() ? h : Tensor::empty(h.shape(), dt, device_);  // (T·tp, F1)
   ops::act_bwd(act, glu, h, nullptr, da, dh, nullptr);
   store.drop(s_h);
+  h = Tensor();
+  da = Tensor();
 
   // fc1: dW1 += dhᵀ xg, dx += reduce_scatter(dh · W1)
   Tensor xg = gather_tokens(tp_, x);  // (T·tp, H)

@@ -1,0 +1,236 @@
+// Shared helpers of the CPU benchmarks: the named configs of docs/performance.md, FLOP counts, seeded
+// inputs, a wall clock, medians, the process's memory high-water mark, and the dense-SGEMM reference
+// rate every efficiency number is measured against.
+#pragma once
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <sys/resource.h>
+
+#include "device/ops.h"
+#include "moecore/moecore.h"
+
+#if MOE_BENCH_HAVE_OPENBLAS
+#include <cblas.h>
+#endif
+
+namespace moe::bench {
+
+// ---- configs --------------------------------------------------------------------------------------
+// The three configs of the CPU comparison (fp32, forward + backward, aux loss on). Each returns the
+// layer config; the token count travels separately (num_tokens).
+struct NamedConfig {
+  std::string name;
+  MoEConfig cfg;
+  int64_t num_tokens = 0;
+};
+
+inline MoEConfig base_config() {
+  MoEConfig c;
+  c.gated_linear_unit = true;  // swiglu
+  c.activation_func = "silu";
+  c.moe_router_load_balancing_type = {"aux_loss"};
+  c.moe_aux_loss_coeff = {1e-2};
+  c.params_dtype = "fp32";
+  return c;
+}
+
+inline std::vector<NamedConfig> named_configs() {
+  std::vector<NamedConfig> v;
+  {
+    MoEConfig c = base_config();
+    c.hidden_size = 1024, c.moe_ffn_hidden_size = 2816, c.num_moe_experts = 8, c.moe_router_topk = 2;
+    v.push_back({"mixtral-cpu", c, 2048});
+  }
+  {
+    MoEConfig c = base_config();
+    c.hidden_size = 1024, c.moe_ffn_hidden_size = 512, c.num_moe_experts = 64, c.moe_router_topk = 6;
+    c.moe_router_score_function = "sigmoid";
+    c.moe_router_enable_expert_bias = true;
+    c.moe_router_num_groups = 8, c.moe_router_group_topk = 3;
+    c.moe_shared_expert_intermediate_size = 1024;
+    v.push_back({"deepseek-cpu", c, 2048});
+  }
+  {
+    MoEConfig c = base_config();
+    c.hidden_size = 256, c.moe_ffn_hidden_size = 512, c.num_moe_experts = 16, c.moe_router_topk = 2;
+    v.push_back({"small", c, 4096});
+  }
+  return v;
+}
+
+inline const NamedConfig* find_config(const std::string& name) {
+  static const std::vector<NamedConfig> all = named_configs();
+  for (const NamedConfig& n : all)
+    if (n.name == name) return &n;
+  return nullptr;
+}
+
+// ---- FLOPs ----------------------------------------------------------------------------------------
+// GEMM FLOPs (2·M·N·K each) of one forward + backward of the layer on T tokens, no capacity
+// dropping: routed experts (N = T·k rows through fc1 H→F1 and fc2 F→H; the backward's dgrad and
+// wgrad double the forward), the shared expert on all T tokens likewise, and the router
+// (T×H×E forward; dW and dx backward). Elementwise work is not counted.
+inline double layer_gemm_flops(const MoEConfig& c, int64_t T) {
+  const double H = static_cast<double>(c.hidden_size), F = static_cast<double>(c.moe_ffn_hidden_size);
+  const double F1 = static_cast<double>(c.fc1_out_features());
+  const double N = static_cast<double>(T) * static_cast<double>(c.moe_router_topk);
+  double f = 6.0 * N * H * (F1 + F);
+  if (c.has_shared_expert()) {
+    const double Fs = static_cast<double>(*c.moe_shared_expert_intermediate_size);
+    const double F1s = c.gated_linear_unit ? 2 * Fs : Fs;
+    f += 6.0 * static_cast<double>(T) * H * (F1s + Fs);
+  }
+  f += 6.0 * static_cast<double>(T) * H * static_cast<double>(c.num_moe_experts);
+  return f;
+}
+
+// ---- inputs, clocks, statistics -------------------------------------------------------------------
+inline Tensor randn(const Shape& shape, uint64_t seed, float scale = 1.0f) {
+  std::mt19937_64 gen(seed);
+  std::normal_distribution<float> d(0.0f, scale);
+  std::vector<float> v(static_cast<size_t>(shape_numel(shape)));
+  for (float& x : v) x = d(gen);
+  return Tensor::from_vector(v, shape);
+}
+
+inline double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+inline double median(std::vector<double> v) {
+  if (v.empty()) return 0.0;
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+// The process's resident-set high-water mark in bytes (getrusage ru_maxrss, KiB on Linux).
+inline int64_t max_rss_bytes() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return static_cast<int64_t>(u.ru_maxrss) * 1024;
+}
+
+// Current resident set in bytes (/proc/self/statm), 0 where unavailable.
+inline int64_t current_rss_bytes() {
+  FILE* f = std::fopen("/proc/self/statm", "r");
+  if (!f) return 0;
+  long long size = 0, resident = 0;
+  int n = std::fscanf(f, "%lld %lld", &size, &resident);
+  std::fclose(f);
+  return n == 2 ? resident * 4096 : 0;
+}
+
+// ---- routing ---------------------------------------------------------------------------------------
+// A routing map (T, E) u8 with exactly k distinct experts per token, chosen uniformly (seeded), and
+// probs (T, E) f32 on the map (each token's k probs sum to 1).
+struct Routing {
+  Tensor map;    // (T, E) u8
+  Tensor probs;  // (T, E) f32
+  std::vector<int64_t> counts;  // (E) tokens per expert
+};
+inline Routing random_routing(int64_t T, int64_t E, int64_t k, uint64_t seed) {
+  std::mt19937_64 gen(seed);
+  std::vector<uint8_t> m(static_cast<size_t>(T * E), 0);
+  std::vector<float> p(static_cast<size_t>(T * E), 0.0f);
+  std::vector<int64_t> experts(static_cast<size_t>(E)), counts(static_cast<size_t>(E), 0);
+  for (int64_t e = 0; e < E; ++e) experts[static_cast<size_t>(e)] = e;
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t j = 0; j < k; ++j) {  // partial Fisher-Yates: the first k are a uniform k-subset
+      std::uniform_int_distribution<int64_t> d(j, E - 1);
+      std::swap(experts[static_cast<size_t>(j)], experts[static_cast<size_t>(d(gen))]);
+      const int64_t e = experts[static_cast<size_t>(j)];
+      m[static_cast<size_t>(t * E + e)] = 1;
+      p[static_cast<size_t>(t * E + e)] = 1.0f / static_cast<float>(k);
+      ++counts[static_cast<size_t>(e)];
+    }
+  }
+  Routing r;
+  r.map = Tensor::from_vector(m, {T, E});
+  r.probs = Tensor::from_vector(p, {T, E});
+  r.counts = counts;
+  return r;
+}
+
+// ---- memcpy reference -----------------------------------------------------------------------------
+// Bandwidth (bytes read + bytes written per second) of copying `bytes` with `threads` threads, each
+// memcpy-ing its contiguous share; the median of `reps` copies after one warm-up copy.
+inline double memcpy_bandwidth(size_t bytes, int threads, int reps = 7) {
+  std::vector<char> src(bytes, 1), dst(bytes, 0);
+  std::vector<double> t;
+  for (int r = 0; r <= reps; ++r) {
+    const double t0 = now_s();
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int i = 0; i < threads; ++i) {
+      const size_t b0 = bytes * static_cast<size_t>(i) / static_cast<size_t>(threads);
+      const size_t b1 = bytes * static_cast<size_t>(i + 1) / static_cast<size_t>(threads);
+      std::memcpy(dst.data() + b0, src.data() + b0, b1 - b0);
+    }
+    if (r > 0) t.push_back(now_s() - t0);
+  }
+  return 2.0 * static_cast<double>(bytes) / median(t);
+}
+
+// ---- the dense-SGEMM reference --------------------------------------------------------------------
+// C (M, N) = op(A) · op(B) in fp32 (A (M, K) or, transposed, (K, M); B (K, N) or (N, K)) with the
+// system's optimised BLAS on its own threads (OpenBLAS's cblas_sgemm, the library torch links on
+// Debian too), or the library's own gemm where OpenBLAS is absent. Returns the median GFLOP/s of
+// `reps` calls after one warm-up call.
+inline double dense_sgemm_gflops(int64_t M, int64_t N, int64_t K, int reps = 3, bool ta = false, bool tb = true) {
+  std::vector<double> t;
+#if MOE_BENCH_HAVE_OPENBLAS
+  // Plain host buffers, not library tensors: the library's allocator keeps large freed blocks for
+  // reuse, and blocks left over from here would hide the layer's memory growth from the RSS measure.
+  auto fill = [](int64_t n, uint64_t seed) {
+    std::vector<float> v(static_cast<size_t>(n));
+    std::mt19937_64 gen(seed);
+    std::normal_distribution<float> d(0.0f, 1.0f);
+    for (float& x : v) x = d(gen);
+    return v;
+  };
+  std::vector<float> A = fill(M * K, 11), B = fill(N * K, 12), C(static_cast<size_t>(M * N));
+  // OpenBLAS with its own threads, as many as the benchmark uses (libmoecore keeps OpenBLAS on one
+  // thread and shares tiles over its OpenMP threads; the reference is the BLAS's best on its own).
+  const int blas_before = openblas_get_num_threads();
+  openblas_set_num_threads(num_threads());
+  for (int r = 0; r <= reps; ++r) {
+    double t0 = now_s();
+    cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
+                static_cast<blasint>(M), static_cast<blasint>(N), static_cast<blasint>(K), 1.0f, A.data(),
+                static_cast<blasint>(ta ? M : K), B.data(), static_cast<blasint>(tb ? K : N), 0.0f, C.data(),
+                static_cast<blasint>(N));
+    double dt = now_s() - t0;
+    if (r > 0) t.push_back(dt);
+  }
+  openblas_set_num_threads(blas_before);
+#else
+  // Without OpenBLAS the reference is the library's own engine (Eigen).
+  Tensor A = ta ? randn({K, M}, 11) : randn({M, K}, 11);
+  Tensor B = tb ? randn({N, K}, 12) : randn({K, N}, 12);
+  Tensor C = Tensor::empty({M, N}, DType::f32);
+  for (int r = 0; r <= reps; ++r) {
+    double t0 = now_s();
+    ops::gemm(A, ta, B, tb, C);
+    double dt = now_s() - t0;
+    if (r > 0) t.push_back(dt);
+  }
+#endif
+  return 2.0 * static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K) / median(t) * 1e-9;
+}
+
+// The reference shape for a layer config: one SGEMM with the routed rows (T·k) as M, the expert
+// widths summed (F1 + F) as N and H as K — the forward of every expert fused into one call, so the
+// BLAS sees the same amount of work in its most favourable form.
+inline double layer_reference_gflops(const MoEConfig& c, int64_t T, int reps = 3) {
+  const int64_t M = T * c.moe_router_topk, N = c.fc1_out_features() + c.moe_ffn_hidden_size, K = c.hidden_size;
+  return dense_sgemm_gflops(M, N, K, reps);
+}
+
+}  // namespace moe::bench

@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# compare_cpu.sh — libmoecore's MoE layer against the PyTorch peer on the CPU, in one run.
+#
+#   benchmarks/compare_cpu.sh [--threads 2] [--repeats 5] [--iters 3] [--warmup 1]
+#                             [--configs "mixtral-cpu deepseek-cpu small"] [--build-dir DIR]
+#                             [--peer-omp-wait passive|default] [--max-load 1.0]
+#
+# Builds moe_layer_bench in Release (CPU only) into --build-dir (default build-bench), then for each
+# repeat and each config runs our layer and the peer (benchmarks/peers/torch_moe_layer.py on
+# /usr/bin/python3) one after the other, with the same Megatron-named flags and thread count, so
+# both see the same machine conditions. Each run times --iters forward+backward steps after
+# --warmup steps (median step); the table takes the median over the repeats. Our binary also
+# measures the dense-SGEMM reference (OpenBLAS on its own threads, at the shape M = T·k, N = F1 + F,
+# K = H) in every run. The per-run outputs are kept in the build dir (compare_cpu/).
+#
+# The machine may be shared: after the build the script waits (up to 5 minutes) for the 1-minute
+# load average to fall below --max-load, and prints the load before each repeat and at the end.
+#
+# The peer runs with OMP_WAIT_POLICY=PASSIVE by default: Debian's torch runs its elementwise ops on
+# OpenMP threads that spin after each op while OpenBLAS's own pthreads need the same cores for the
+# GEMMs, which makes the peer up to 3.5x slower (docs/performance.md); passive is its best setting.
+# --peer-omp-wait default runs it as installed. Our side runs with the environment as it is (its
+# OpenMP pool is the only one it has).
+#
+# Columns: tokens/s of each side and their ratio; our GFLOP/s (the layer's GEMM FLOPs per second,
+# counted as in benchmarks/bench_common.h); the SGEMM reference and our efficiency (= ours ÷ SGEMM);
+# the peer's efficiency likewise; peak memory: the growth of the resident set's high-water mark
+# over the run (VmHWM after a reset, both sides, same method) and our allocator's peak above what was
+# held before the first step.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+THREADS=2
+REPEATS=5
+ITERS=3
+WARMUP=1
+CONFIGS="mixtral-cpu deepseek-cpu small"
+PEER_WAIT=passive
+MAX_LOAD=1.0
+BUILD="$ROOT/build-bench"
+PYTHON=${PYTHON:-/usr/bin/python3}
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --threads) THREADS=$2; shift 2 ;;
+    --repeats) REPEATS=$2; shift 2 ;;
+    --iters) ITERS=$2; shift 2 ;;
+    --warmup) WARMUP=$2; shift 2 ;;
+    --configs) CONFIGS=$2; shift 2 ;;
+    --build-dir) BUILD=$(realpath -m "$2"); shift 2 ;;
+    --peer-omp-wait) PEER_WAIT=$2; shift 2 ;;
+    --max-load) MAX_LOAD=$2; shift 2 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    *) echo "compare_cpu.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+
+flags_of() {  # the config's flags, Megatron's names, given to both sides
+  local common="--swiglu --moe-aux-loss-coeff 1e-2"
+  case "$1" in
+    mixtral-cpu) echo "--hidden-size 1024 --moe-ffn-hidden-size 2816 --num-moe-experts 8 --moe-router-topk 2 --num-tokens 2048 $common" ;;
+    deepseek-cpu) echo "--hidden-size 1024 --moe-ffn-hidden-size 512 --num-moe-experts 64 --moe-router-topk 6 --moe-router-score-function sigmoid --moe-router-enable-expert-bias --moe-router-num-groups 8 --moe-router-group-topk 3 --moe-shared-expert-intermediate-size 1024 --num-tokens 2048 $common" ;;
+    small) echo "--hidden-size 256 --moe-ffn-hidden-size 512 --num-moe-experts 16 --moe-router-topk 2 --num-tokens 4096 $common" ;;
+    *) echo "compare_cpu.sh: unknown config $1" >&2; exit 2 ;;
+  esac
+}
+
+echo "== building moe_layer_bench (Release, CPU) in $BUILD"
+mkdir -p "$BUILD"
+# A new build dir gets a benchmark-only configuration; an existing one keeps its options (so a
+# developer's build dir with tests stays one), but is built in Release.
+FRESH=()
+[[ -f "$BUILD/CMakeCache.txt" ]] || FRESH=(-DMOE_CUDA=OFF -DMOE_BUILD_TESTS=OFF -DMOE_BUILD_EXAMPLES=OFF)
+cmake -S "$ROOT" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DMOE_BUILD_BENCHMARKS=ON "${FRESH[@]}" \
+  > "$BUILD/compare_configure.log" 2>&1 ||
+  { cat "$BUILD/compare_configure.log"; exit 1; }
+cmake --build "$BUILD" -j "$(nproc)" --target moe_layer_bench > "$BUILD/compare_build.log" 2>&1 ||
+  { tail -40 "$BUILD/compare_build.log"; exit 1; }
+BENCH="$BUILD/benchmarks/moe_layer_bench"
+PEER="$ROOT/benchmarks/peers/torch_moe_layer.py"
+OUT="$BUILD/compare_cpu"
+rm -rf "$OUT" && mkdir -p "$OUT"
+
+export OMP_NUM_THREADS=$THREADS OPENBLAS_NUM_THREADS=$THREADS MOE_LOG_LEVEL=warn
+PEER_ENV=()
+case "$PEER_WAIT" in
+  passive) PEER_ENV=(OMP_WAIT_POLICY=PASSIVE) ;;
+  default) ;;
+  *) echo "compare_cpu.sh: --peer-omp-wait must be passive or default, got $PEER_WAIT" >&2; exit 2 ;;
+esac
+PEER_OK=1
+"$PYTHON" -c "import torch" 2>/dev/null || { PEER_OK=0; echo "== no torch for $PYTHON: the peer columns stay empty"; }
+
+load1() { cut -d' ' -f1 /proc/loadavg; }
+for ((i = 0; i < 60; i++)); do
+  awk -v l="$(load1)" -v m="$MAX_LOAD" 'BEGIN { exit !(l < m) }' && break
+  [[ $i == 0 ]] && echo "== waiting for the 1-minute load ($(load1)) to fall below $MAX_LOAD"
+  sleep 5
+done
+
+{
+  echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo "machine: $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(getconf _NPROCESSORS_ONLN) cores, $(free -g | awk '/Mem:/{print $2}') GiB; $(uname -r)"
+  echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "threads $THREADS, repeats $REPEATS, $ITERS steps after $WARMUP warm-up per run"
+  if [[ $PEER_OK == 1 ]]; then
+    "$PYTHON" -c "import torch; print('peer: torch', torch.__version__)"
+    echo "peer BLAS: libblas.so.3 -> $(readlink -f /usr/lib/x86_64-linux-gnu/libblas.so.3 2>/dev/null || echo '?'); peer env: ${PEER_ENV[*]:-(as is)}"
+  fi
+} | tee "$OUT/header.txt"
+
+for ((r = 1; r <= REPEATS; r++)); do
+  echo "  [$r/$REPEATS] load $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/header.txt"
+  for cfg in $CONFIGS; do
+    f=$(flags_of "$cfg")
+    # shellcheck disable=SC2086
+    "$BENCH" $f --iters "$ITERS" --warmup "$WARMUP" --threads "$THREADS" --sgemm-reps 3 > "$OUT/ours.$cfg.$r.txt"
+    echo "  [$r/$REPEATS] $cfg ours: $(tail -1 "$OUT/ours.$cfg.$r.txt")"
+    if [[ $PEER_OK == 1 ]]; then
+      # shellcheck disable=SC2086
+      env "${PEER_ENV[@]}" "$PYTHON" "$PEER" $f --iters "$ITERS" --warmup "$WARMUP" --threads "$THREADS" \
+        > "$OUT/peer.$cfg.$r.txt"
+      echo "  [$r/$REPEATS] $cfg peer: $(tail -1 "$OUT/peer.$cfg.$r.txt")"
+    fi
+  done
+done
+echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/header.txt"
+
+"$PYTHON" - "$OUT" "$CONFIGS" "$REPEATS" <<'EOF'
+import os, statistics, sys
+out, configs, repeats = sys.argv[1], sys.argv[2].split(), int(sys.argv[3])
+
+def parse(path):
+    vals = {}
+    if not os.path.exists(path):
+        return None
+    for line in open(path).read().splitlines()[-2:]:
+        for kv in line.split():
+            k, _, v = kv.partition("=")
+            vals[k] = float(v)
+    return vals
+
+def med(runs, key):
+    xs = [r[key] for r in runs if r and key in r and r[key] >= 0]
+    return statistics.median(xs) if xs else float("nan")
+
+rows = []
+for cfg in configs:
+    ours = [parse(f"{out}/ours.{cfg}.{r}.txt") for r in range(1, repeats + 1)]
+    peer = [parse(f"{out}/peer.{cfg}.{r}.txt") for r in range(1, repeats + 1)]
+    o_tps, p_tps = med(ours, "tokens_per_s"), med(peer, "tokens_per_s")
+    o_gf, p_gf, sg = med(ours, "gflops"), med(peer, "gflops"), med(ours, "sgemm_gflops")
+    rows.append([cfg, "%.0f" % o_tps, "%.0f" % p_tps, "%.2f" % (o_tps / p_tps) if p_tps == p_tps else "-",
+                 "%.1f" % o_gf, "%.1f" % sg, "%.3f" % (o_gf / sg), "%.3f" % (p_gf / sg) if p_gf == p_gf else "-",
+                 "%.0f" % (med(ours, "rss_peak_bytes") / 2**20), "%.0f" % (med(ours, "peak_bytes") / 2**20),
+                 "%.0f" % (med(peer, "peak_bytes") / 2**20) if p_tps == p_tps else "-"])
+head = ["config", "ours tok/s", "peer tok/s", "ours/peer", "ours GFLOP/s", "SGEMM GFLOP/s", "ours eff",
+        "peer eff", "ours RSS MiB", "ours alloc MiB", "peer RSS MiB"]
+w = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+line = lambda cells: "| " + " | ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(cells)) + " |"
+print()
+print(line(head))
+print("|" + "|".join("-" * (x + 2) for x in w) + "|")
+for r in rows:
+    print(line(r))
+EOF

@@ -29,8 +29,11 @@ class ActivationStore {
   void set_policy(const std::string& slot_or_prefix, SavePolicy policy);
   SavePolicy policy(const std::string& slot) const;
 
-  // Saves under the slot's policy. `regen` is required for recompute slots.
+  // Saves under the slot's policy. A slot saved without a regenerate function cannot be
+  // recomputed: under a recompute rule it is kept (saved_policy() says so).
   void save(const std::string& slot, const Tensor& t, Regenerate regen = {});
+  // The policy a saved slot actually has.
+  SavePolicy saved_policy(const std::string& slot) const;
   bool has(const std::string& slot) const;
   // The tensor, restored to the device if it was offloaded or dropped.
   Tensor get(const std::string& slot);

@@ -36,14 +36,13 @@ void ActivationStore::save(const std::string& name, const Tensor& t, Regenerate 
   MOE_CHECK(t.defined(), "ActivationStore::save: slot '", name, "' given an undefined tensor");
   Slot s;
   s.policy = policy(name);
+  if (s.policy == SavePolicy::recompute && !regen) s.policy = SavePolicy::keep;
   s.home = t.device();
   switch (s.policy) {
     case SavePolicy::keep:
       s.device = t;
       break;
     case SavePolicy::recompute:
-      MOE_CHECK(static_cast<bool>(regen), "ActivationStore::save: slot '", name,
-                "' has policy recompute but no regenerate function was given");
       s.regen = std::move(regen);
       break;
     case SavePolicy::offload:
@@ -51,6 +50,12 @@ void ActivationStore::save(const std::string& name, const Tensor& t, Regenerate 
       break;
   }
   slots_[name] = std::move(s);
+}
+
+SavePolicy ActivationStore::saved_policy(const std::string& name) const {
+  auto it = slots_.find(name);
+  MOE_CHECK(it != slots_.end(), "ActivationStore::saved_policy: slot '", name, "' is not saved");
+  return it->second.policy;
 }
 
 bool ActivationStore::has(const std::string& name) const { return slots_.count(name) != 0; }

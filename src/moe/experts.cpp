@@ -3,8 +3,8 @@
 //
 // Saved slots (names = slot prefix + ...), with what rebuilds them under the recompute policy:
 //   fc1_input   x (N, H)           no regenerate function exists here (x comes from the dispatcher),
-//                                  so it is keep or offload; a recompute rule for it is overridden
-//                                  by an exact-name keep rule in the store (visible in its policies).
+//                                  so it is keep or offload; under a recompute rule the store keeps
+//                                  it (ActivationStore::saved_policy says so).
 //   probs       (N) prob dtype     likewise keep or offload.
 //   fc1_output  h (N, F1)          fc1 of fc1_input
 //   act_output  a (N, F)           act(fc1_output) · probs
@@ -18,28 +18,10 @@
 #include "moecore/experts.h"
 
 #include "device/ops.h"
+#include "moe/module_util.h"
 #include "moecore/error.h"
 
 namespace moe {
-
-namespace {
-
-Activation activation_from_config(const MoEConfig& c, const char* who) {
-  const std::string& f = c.activation_func;
-  if (f == "silu") return Activation::silu;
-  if (f == "gelu") return Activation::gelu;
-  if (f == "relu2" || f == "squared_relu") return Activation::relu2;
-  MOE_THROW(ErrorCode::invalid_argument, who, ": activation_func must be gelu, silu, relu2 or squared_relu, got '",
-            f, "'");
-}
-
-// Saves a slot that has no regenerate function: keep or offload. A recompute rule becomes keep.
-void save_without_regen(ActivationStore& store, const std::string& slot, const Tensor& t) {
-  if (store.policy(slot) == SavePolicy::recompute) store.set_policy(slot, SavePolicy::keep);
-  store.save(slot, t);
-}
-
-}  // namespace
 
 GroupedExperts::GroupedExperts(const MoEConfig& config, Device device, ExpertsSharding sharding,
                                const std::string& slot_prefix)
@@ -116,8 +98,8 @@ Tensor GroupedExperts::forward(const Tensor& x, const std::vector<int64_t>& rows
   Tensor y = Tensor::empty({N, H}, dt, device_);  // (N, H)
   ops::grouped_gemm(GroupedGemmMode::fwd, a, fc2_.value, y, rows_);
 
-  save_without_regen(store, s_x, x);
-  save_without_regen(store, s_p, probs);
+  store.save(s_x, x);
+  store.save(s_p, probs);
   store.save(s_h, h, [fc1, &store, s_x, r = rows_] { return fc1(store.get(s_x), r); });
   store.save(s_a, a, [act_fwd, &store, s_h, s_p] { return act_fwd(store.get(s_h), store.get(s_p)); });
   return y;

@@ -19,27 +19,10 @@
 #include "moecore/experts.h"
 
 #include "device/ops.h"
+#include "moe/module_util.h"
 #include "moecore/error.h"
 
 namespace moe {
-
-namespace {
-
-Activation activation_from_config(const MoEConfig& c, const char* who) {
-  const std::string& f = c.activation_func;
-  if (f == "silu") return Activation::silu;
-  if (f == "gelu") return Activation::gelu;
-  if (f == "relu2" || f == "squared_relu") return Activation::relu2;
-  MOE_THROW(ErrorCode::invalid_argument, who, ": activation_func must be gelu, silu, relu2 or squared_relu, got '",
-            f, "'");
-}
-
-void save_without_regen(ActivationStore& store, const std::string& slot, const Tensor& t) {
-  if (store.policy(slot) == SavePolicy::recompute) store.set_policy(slot, SavePolicy::keep);
-  store.save(slot, t);
-}
-
-}  // namespace
 
 SharedExperts::SharedExperts(const MoEConfig& config, Device device, std::shared_ptr<Communicator> tp,
                              const std::string& slot_prefix)
@@ -124,7 +107,7 @@ Tensor SharedExperts::forward(const Tensor& x, ActivationStore& store) {
   Tensor h = fc1(x);      // (T·tp, F1)
   Tensor a = act_fwd(h);  // (T·tp, F)
   Tensor y = fc2(a);      // (T, H)
-  save_without_regen(store, s_x, x);
+  store.save(s_x, x);
   store.save(s_h, h, [fc1, &store, s_x] { return fc1(store.get(s_x)); });
   store.save(s_a, a, [act_fwd, &store, s_h] { return act_fwd(store.get(s_h)); });
   if (!has_gate_) return y;

@@ -332,13 +332,13 @@ TEST(GroupedExperts, SlotPoliciesGiveBitIdenticalResultsAndSaveMemory) {
     EXPECT_EQ(r.regenerations > 0, k.regenerates) << "case " << i;
     EXPECT_EQ(r.reloads > 0, k.reloads) << "case " << i;
   }
-  // A recompute rule on a slot without a regenerate function is replaced by a visible keep rule.
+  // A recompute rule on a slot without a regenerate function keeps it, visibly.
   ActivationStore store;
   store.set_policy(P, SavePolicy::recompute);
   ex.forward(x, kRows, probs, store);
-  EXPECT_EQ(store.policy(P + "fc1_input"), SavePolicy::keep);
-  EXPECT_EQ(store.policy(P + "probs"), SavePolicy::keep);
-  EXPECT_EQ(store.policy(P + "fc1_output"), SavePolicy::recompute);
+  EXPECT_EQ(store.saved_policy(P + "fc1_input"), SavePolicy::keep);
+  EXPECT_EQ(store.saved_policy(P + "probs"), SavePolicy::keep);
+  EXPECT_EQ(store.saved_policy(P + "fc1_output"), SavePolicy::recompute);
 }
 
 TEST(GroupedExperts, ErrorsNameTheProblem) {

@@ -31,6 +31,7 @@
 
 #include "bench_common.h"
 #include "common/args.h"
+#include "common/run_main.h"
 #include "moe/dispatcher.h"
 #include "moecore/moecore.h"
 
@@ -152,11 +153,4 @@ int run(int argc, char** argv) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  try {
-    return run(argc, argv);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "moe_dispatch_bench: %s\n", e.what());
-    abort_world(1);
-  }
-}
+int main(int argc, char** argv) { return moe::examples::run_main("moe_dispatch_bench", run, argc, argv); }

@@ -35,6 +35,7 @@
 
 #include "bench_common.h"
 #include "common/args.h"
+#include "common/run_main.h"
 #include "moecore/moecore.h"
 
 using namespace moe;
@@ -182,11 +183,4 @@ int run(int argc, char** argv) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  try {
-    return run(argc, argv);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "moe_layer_bench: %s\n", e.what());
-    return 1;
-  }
-}
+int main(int argc, char** argv) { return moe::examples::run_main("moe_layer_bench", run, argc, argv); }

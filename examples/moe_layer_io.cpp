@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "common/args.h"
+#include "common/run_main.h"
 #include "moecore/distributed.h"
 #include "moecore/moecore.h"
 #include "moecore/parallel.h"
@@ -129,13 +130,4 @@ int run(int argc, char** argv) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  try {
-    return run(argc, argv);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "moe_layer_io: %s\n", e.what());
-    std::fflush(stderr);
-    if (world_size() > 1) abort_world(1);  // peers may be waiting in a collective
-    return 1;
-  }
-}
+int main(int argc, char** argv) { return moe::examples::run_main("moe_layer_io", run, argc, argv); }

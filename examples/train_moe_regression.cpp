@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "common/args.h"
+#include "common/run_main.h"
 #include "moecore/moecore.h"
 
 using namespace moe;
@@ -187,13 +188,4 @@ int run(int argc, char** argv) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  try {
-    return run(argc, argv);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "train_moe_regression: %s\n", e.what());
-    std::fflush(stderr);
-    if (world_size() > 1) abort_world(1);  // peers may be waiting in a collective
-    return 1;
-  }
-}
+int main(int argc, char** argv) { return moe::examples::run_main("train_moe_regression", run, argc, argv); }

@@ -1,5 +1,7 @@
 // The one file that knows which backends exist.
+#include <algorithm>
 #include <cstdlib>
+#include <thread>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -19,11 +21,22 @@ std::mutex g_mutex;
 
 Backend& cpu() {
   static std::unique_ptr<Backend> b = [] {
-    // MOE_NUM_THREADS sets the CPU kernels' and the BLAS's thread count once, at first use.
+    // MOE_NUM_THREADS sets the CPU kernels' thread count once, at first use. Without it (and
+    // without OMP_NUM_THREADS), ranks started together on one machine share its cores: each takes
+    // cores / ranks-on-this-machine threads, so mpirun -np 4 on 2 cores does not run 8 spinning
+    // threads.
     if (const char* env = std::getenv("MOE_NUM_THREADS")) {
       int n = std::atoi(env);
       MOE_CHECK(n > 0, "MOE_NUM_THREADS: expected a positive integer, got '", env, "'");
       cpu_set_num_threads(n);
+    } else if (!std::getenv("OMP_NUM_THREADS")) {
+      int local = 0;
+      for (const char* name : {"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_LOCAL_SIZE"})
+        if (const char* v = std::getenv(name)) local = std::max(local, std::atoi(v));
+      if (local > 1) {
+        int cores = static_cast<int>(std::thread::hardware_concurrency());
+        cpu_set_num_threads(std::max(1, cores / local));
+      }
     }
     return make_cpu_backend();
   }();

@@ -135,4 +135,33 @@ Tensor from_f64(const std::vector<double>& v, const Shape& shape, DType dtype, D
   return ::testing::AssertionSuccess();
 }
 
+std::string error_of(const std::function<void()>& f, ErrorCode code) {
+  try {
+    f();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), code) << e.what();
+    return e.what();
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << "threw a non-moe exception: " << e.what();
+    return "";
+  }
+  ADD_FAILURE() << "expected a moe::Error, nothing was thrown";
+  return "";
+}
+
+::testing::AssertionResult contains_all(const std::string& msg, const std::vector<std::string>& parts) {
+  for (const std::string& p : parts)
+    if (msg.find(p) == std::string::npos) return ::testing::AssertionFailure() << "message lacks '" << p << "': " << msg;
+  return ::testing::AssertionSuccess();
+}
+
+void expect_error(const std::function<void()>& f, const std::string& needle) {
+  try {
+    f();
+    ADD_FAILURE() << "no error; expected one mentioning '" << needle << "'";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+  }
+}
+
 }  // namespace moe::test

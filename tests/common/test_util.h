@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "moecore/error.h"
 #include "moecore/tensor.h"
 
 namespace moe::test {
@@ -34,5 +35,13 @@ Tensor from_f64(const std::vector<double>& v, const Shape& shape, DType dtype = 
 // evenly over the tensor.
 ::testing::AssertionResult check_grad(const std::function<double()>& loss, Tensor& param, const Tensor& analytic,
                                       double eps = 1e-6, double tol = 1e-6, int64_t max_elems = 0);
+
+// The message of the moe::Error that f throws; a test failure when it throws nothing, another
+// exception, or an Error with another code.
+std::string error_of(const std::function<void()>& f, ErrorCode code = ErrorCode::invalid_argument);
+// Success when `msg` contains every part.
+::testing::AssertionResult contains_all(const std::string& msg, const std::vector<std::string>& parts);
+// Expects f to throw a moe::Error (any code) whose message mentions `needle`.
+void expect_error(const std::function<void()>& f, const std::string& needle);
 
 }  // namespace moe::test

@@ -10,6 +10,7 @@
 #include "moecore/comm.h"
 
 using namespace moe;
+using moe::test::error_of;
 
 namespace {
 
@@ -19,18 +20,6 @@ Tensor iota_f32(const Shape& shape, float start = 0) {
   return Tensor::from_vector(v, shape);
 }
 
-// The message of the moe::Error `f` throws, checking its code.
-template <class F>
-std::string error_of(F&& f, ErrorCode code = ErrorCode::invalid_argument) {
-  try {
-    f();
-  } catch (const Error& e) {
-    EXPECT_EQ(e.code(), code) << e.what();
-    return e.what();
-  }
-  ADD_FAILURE() << "no moe::Error thrown";
-  return "";
-}
 
 #define EXPECT_HAS(msg, sub) EXPECT_NE((msg).find(sub), std::string::npos) << (msg)
 

@@ -12,35 +12,17 @@
 #include <string>
 #include <vector>
 
+#include "common/test_util.h"
 #include "moecore/config.h"
 #include "moecore/error.h"
 
 using namespace moe;
+using moe::test::error_of;
+using moe::test::contains_all;
 
 namespace {
 
-// The message of the moe::Error that f throws (failing the test if it throws nothing or something
-// else, or with another code).
-std::string error_of(const std::function<void()>& f, ErrorCode code = ErrorCode::invalid_argument) {
-  try {
-    f();
-  } catch (const Error& e) {
-    EXPECT_EQ(e.code(), code) << e.what();
-    return e.what();
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "threw a non-moe exception: " << e.what();
-    return "";
-  }
-  ADD_FAILURE() << "expected a moe::Error, nothing was thrown";
-  return "";
-}
 
-::testing::AssertionResult contains_all(const std::string& msg, const std::vector<std::string>& parts) {
-  for (const std::string& p : parts)
-    if (msg.find(p) == std::string::npos)
-      return ::testing::AssertionFailure() << "message lacks '" << p << "': " << msg;
-  return ::testing::AssertionSuccess();
-}
 
 // A small valid config; every rule test breaks exactly one thing in it.
 MoEConfig base_config() {

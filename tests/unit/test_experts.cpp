@@ -16,6 +16,7 @@
 #include "moecore/experts.h"
 
 using namespace moe;
+using moe::test::expect_error;
 using moe::test::all_close;
 using moe::test::bit_equal;
 using moe::test::check_grad;
@@ -79,15 +80,6 @@ std::vector<double> experts_ref(const MoEConfig& c, GroupedExperts& ex, const Te
   return y;
 }
 
-template <class F>
-void expect_error(F&& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "no error; expected one mentioning '" << needle << "'";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
-}
 
 const std::vector<int64_t> kRows = {3, 0, 5, 2};  // expert 1 gets no rows
 constexpr int64_t kN = 10;

@@ -17,6 +17,7 @@
 #include "moecore/router.h"
 
 using namespace moe;
+using moe::test::expect_error;
 using moe::test::all_close;
 using moe::test::bit_equal;
 using moe::test::check_grad;
@@ -653,15 +654,6 @@ TEST(Router, JitterIsAPureFunctionOfStepLayerAndMicrobatch) {
 
 // ---------------------------------------------------------------------------------------------
 namespace {
-template <class F>
-void expect_error(F&& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "no error; expected one mentioning '" << needle << "'";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
-}
 }  // namespace
 
 TEST(Router, BadInputsNameTheProblem) {

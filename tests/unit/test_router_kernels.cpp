@@ -16,6 +16,7 @@
 #include "kernels/cpu/cpu_kernels.h"
 
 using namespace moe;
+using moe::test::expect_error;
 using moe::test::all_close;
 using moe::test::bit_equal;
 using moe::test::check_grad;
@@ -631,15 +632,6 @@ TEST(RouterKernels, SameBitsAtAnyThreadCount) {
 
 // ---------------------------------------------------------------------------------------------
 namespace {
-template <class F>
-void expect_error(F&& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "no error; expected one mentioning '" << needle << "'";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
-}
 }  // namespace
 
 TEST(RouterKernels, ErrorsNameTheProblem) {

@@ -22,6 +22,8 @@
 #include "moecore/safetensors.h"
 
 using namespace moe;
+using moe::test::error_of;
+using moe::test::contains_all;
 
 namespace {
 
@@ -47,27 +49,7 @@ std::string tensor_bytes(const Tensor& t) {
   return s;
 }
 
-// The moe::Error that f throws (a test failure if none, or another exception type).
-std::string error_of(const std::function<void()>& f, ErrorCode code) {
-  try {
-    f();
-  } catch (const Error& e) {
-    EXPECT_EQ(e.code(), code) << e.what();
-    return e.what();
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "threw a non-moe exception: " << e.what();
-    return "";
-  }
-  ADD_FAILURE() << "expected a moe::Error, nothing was thrown";
-  return "";
-}
 
-::testing::AssertionResult contains_all(const std::string& msg, const std::vector<std::string>& parts) {
-  for (const std::string& p : parts)
-    if (msg.find(p) == std::string::npos)
-      return ::testing::AssertionFailure() << "message lacks '" << p << "': " << msg;
-  return ::testing::AssertionSuccess();
-}
 
 class Safetensors : public ::testing::Test {
  protected:

@@ -133,4 +133,8 @@ struct LocalPermutation {
 };
 LocalPermutation make_local_permutation(const Tensor& routing_map);
 
+// Helpers for moving rows: bytes of one row (dim 0) of t, and an empty tensor like t with `rows` rows.
+int64_t row_bytes(const Tensor& t);
+Tensor rows_like(const Tensor& t, int64_t rows);
+
 }  // namespace moe

@@ -24,27 +24,22 @@ AllGatherDispatcher::AllGatherDispatcher(std::shared_ptr<Communicator> group, in
 Tensor AllGatherDispatcher::gather_rows(const Tensor& local) {
   int64_t total = 0;
   for (int64_t r : rank_rows_) total += r;
-  Shape shape = local.shape();
-  shape[0] = total;
-  Tensor out = Tensor::empty(shape, local.dtype(), local.device());
+  Tensor out = rows_like(local, total);
   group_->all_gather_v(local, out, rank_rows_);
-  int64_t row_bytes = local.size(0) > 0 ? static_cast<int64_t>(local.nbytes()) / local.size(0)
-                                        : static_cast<int64_t>(dtype_size(local.dtype()) * (shape_numel(shape) / std::max<int64_t>(total, 1)));
-  traffic_.bytes_sent += local.size(0) * row_bytes * (group_->size() - 1);
-  traffic_.bytes_received += (total - local.size(0)) * row_bytes;
+  const int64_t rb = row_bytes(local);
+  traffic_.bytes_sent += local.size(0) * rb * (group_->size() - 1);
+  traffic_.bytes_received += (total - local.size(0)) * rb;
   ++traffic_.calls;
   return out;
 }
 
 Tensor AllGatherDispatcher::scatter_rows(const Tensor& global) {
   int64_t mine = rank_rows_[static_cast<size_t>(group_->rank())];
-  Shape shape = global.shape();
-  shape[0] = mine;
-  Tensor out = Tensor::empty(shape, global.dtype(), global.device());
+  Tensor out = rows_like(global, mine);
   group_->reduce_scatter_v(global, out, rank_rows_);
-  int64_t row_bytes = global.size(0) > 0 ? static_cast<int64_t>(global.nbytes()) / global.size(0) : 0;
-  traffic_.bytes_sent += (global.size(0) - mine) * row_bytes;
-  traffic_.bytes_received += mine * row_bytes * (group_->size() - 1);
+  const int64_t rb = row_bytes(global);
+  traffic_.bytes_sent += (global.size(0) - mine) * rb;
+  traffic_.bytes_received += mine * rb * (group_->size() - 1);
   ++traffic_.calls;
   return out;
 }

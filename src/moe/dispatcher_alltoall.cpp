@@ -19,18 +19,6 @@ namespace moe {
 
 namespace {
 int64_t sum(const std::vector<int64_t>& v) { return std::accumulate(v.begin(), v.end(), int64_t{0}); }
-
-Tensor rows_like(const Tensor& t, int64_t rows) {
-  Shape s = t.shape();
-  s[0] = rows;
-  return Tensor::empty(s, t.dtype(), t.device());
-}
-
-int64_t row_bytes(const Tensor& t) {
-  int64_t per = 1;
-  for (int64_t d = 1; d < t.ndim(); ++d) per *= t.size(d);
-  return per * static_cast<int64_t>(dtype_size(t.dtype()));
-}
 }  // namespace
 
 AllToAllDispatcher::AllToAllDispatcher(std::shared_ptr<Communicator> ep, std::shared_ptr<Communicator> etp,

@@ -17,6 +17,18 @@ LocalPermutation make_local_permutation(const Tensor& routing_map) {
   return p;
 }
 
+int64_t row_bytes(const Tensor& t) {
+  int64_t per = 1;
+  for (int64_t d = 1; d < t.ndim(); ++d) per *= t.size(d);
+  return per * static_cast<int64_t>(dtype_size(t.dtype()));
+}
+
+Tensor rows_like(const Tensor& t, int64_t rows) {
+  Shape s = t.shape();
+  s[0] = rows;
+  return Tensor::empty(s, t.dtype(), t.device());
+}
+
 DispatchOutput LocalDispatcher::dispatch(const Tensor& x, const Tensor& probs, const Tensor& routing_map) {
   LocalPermutation p = make_local_permutation(routing_map);
   row_id_map_ = p.row_id_map;

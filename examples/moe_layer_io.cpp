@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "common/args.h"
+#include "common/io_params.h"
 #include "common/run_main.h"
 #include "moecore/distributed.h"
 #include "moecore/moecore.h"
@@ -73,18 +74,8 @@ int run(int argc, char** argv) {
   DType pd = dtype_from_name(cfg.params_dtype);
 
   // Parameters: every trainable one must be in the file; the expert bias is optional.
-  std::set<std::string> known{"hidden_states", "grad_output"};
-  for (Parameter* p : layer.parameters()) {
-    known.insert(p->name);
-    if (!in.contains(p->name)) {
-      MOE_CHECK(!p->trainable, in_path, ": missing parameter '", p->name, "' of shape ", shape_str(p->canonical_shape));
-      continue;
-    }
-    load_shard(*p, in.at(p->name));
-  }
-  for (const std::string& n : in.names)
-    MOE_CHECK(known.count(n), in_path, ": unexpected tensor '", n,
-              "' (this config takes hidden_states, grad_output and its parameters)");
+  examples::load_parameters(in, in_path, layer.parameters(), {"hidden_states", "grad_output"},
+                            "hidden_states, grad_output");
 
   Tensor x = take_tokens(hs, shard).to_dtype(pd).to(dev);   // (s_len, b_len, H)
   Tensor dy = take_tokens(go, shard).to_dtype(pd).to(dev);  // (s_len, b_len, H)

@@ -311,6 +311,143 @@ struct AdamArgs {
 };
 
 // ---------------------------------------------------------------------------------------------
+// The transformer around the MoE layer (docs/model.md). "stat" below is the statistics dtype:
+// f64 when dtype is f64, else f32.
+
+// Normalisation over the last dimension D of `rows` rows, computed in acc:
+//   rms:   y = x · rstd · w,                rstd = 1 / sqrt(mean(x²) + eps)
+//   layer: y = (x − mean) · rstd · w + b,   rstd = 1 / sqrt(var + eps), var biased
+enum class NormKind : uint8_t { rms, layer };
+struct NormFwdArgs {
+  DType dtype = DType::f32;
+  NormKind kind = NormKind::rms;
+  int64_t rows = 0, D = 0;
+  double eps = 1e-5;
+  const void* x = nullptr;       // (rows, D) dtype
+  const void* weight = nullptr;  // (D) dtype
+  const void* bias = nullptr;    // (D) dtype, layer only, optional
+  void* y = nullptr;             // (rows, D) dtype out (may alias x)
+  void* mean = nullptr;          // (rows) stat out, layer only
+  void* rstd = nullptr;          // (rows) stat out
+};
+// dx (rows, D) overwritten (may alias dy); dweight (D) and dbias (D) accumulated (+=) over the rows.
+// On the CPU in row order, so the result does not depend on the thread count; other backends may
+// sum in another fixed order (equal within tolerance).
+struct NormBwdArgs {
+  DType dtype = DType::f32;
+  NormKind kind = NormKind::rms;
+  int64_t rows = 0, D = 0;
+  const void* x = nullptr;       // (rows, D) dtype
+  const void* weight = nullptr;  // (D) dtype
+  const void* mean = nullptr;    // (rows) stat, layer only
+  const void* rstd = nullptr;    // (rows) stat
+  const void* dy = nullptr;      // (rows, D) dtype
+  void* dx = nullptr;            // (rows, D) dtype out
+  void* dweight = nullptr;       // (D) dtype, accumulated
+  void* dbias = nullptr;         // (D) dtype, accumulated, layer only, optional
+};
+
+// Rotary position embedding, not interleaved, on the first rd (even) dims of every head; the rest
+// are copied. inv_freq_i = base^(−2i/rd) for i < rd/2, angle = positions[s] · inv_freq_i (both in
+// f64), rounded to acc, cos/sin taken in acc (f32 angles as Megatron's f32 frequencies give):
+//   y[i] = x[i]·cos − x[i + rd/2]·sin,   y[i + rd/2] = x[i + rd/2]·cos + x[i]·sin   (i < rd/2)
+// inverse applies the transposed rotation (angle → −angle): the backward.
+struct RopeArgs {
+  DType dtype = DType::f32;
+  int64_t S = 0, B = 0, heads = 0, hd = 0, rd = 0;
+  double base = 10000.0;
+  bool inverse = false;
+  const int64_t* positions = nullptr;  // (S) i64
+  const void* x = nullptr;             // (S, B, heads, hd) dtype
+  void* y = nullptr;                   // (S, B, heads, hd) dtype out (may alias x)
+};
+
+// Embedding rows of a (vocab-parallel) table holding ids [vocab_start, vocab_start + V):
+//   fwd: out[i] (+)= table[ids[i] − vocab_start] when the id is in range, else (+)0
+//   bwd: dtable[ids[i] − vocab_start] += dout[i] for the ids in range, summed in i order per row
+struct EmbeddingArgs {
+  DType dtype = DType::f32;
+  int64_t n = 0, V = 0, H = 0, vocab_start = 0;
+  bool accumulate = false;     // fwd: add into out
+  const int64_t* ids = nullptr;  // (n) i64
+  const void* table = nullptr;   // (V, H) dtype, fwd
+  void* out = nullptr;           // (n, H) dtype, fwd
+  const void* dout = nullptr;    // (n, H) dtype, bwd
+  void* dtable = nullptr;        // (V, H) dtype, bwd, accumulated
+};
+
+// Cross entropy over a vocabulary split across ranks (this rank holds ids [vocab_start,
+// vocab_start + V)), in steps with all-reduces between them:
+//   xent_max: row_max[i] = max_v logits[i, v]                                   → all-reduce max
+//   xent_sum: sum_exp[i] = Σ_v exp(logits[i, v] − row_max[i]);
+//             target[i]  = logits[i, labels[i] − vocab_start] in range, else 0  → all-reduce sum
+//   (the caller: loss_i = log(sum_exp_i) + row_max_i − target_i)
+//   xent_bwd: dlogits[i, v] = grad[i] · (exp(logits[i, v] − row_max[i]) / sum_exp[i]
+//                                        − [v == labels[i] − vocab_start])
+struct XentArgs {
+  DType dtype = DType::f32;
+  int64_t n = 0, V = 0, vocab_start = 0;
+  const void* logits = nullptr;    // (n, V) dtype
+  const int64_t* labels = nullptr;  // (n) i64 (sum, bwd)
+  void* row_max = nullptr;         // (n) stat: out (max), in (sum, bwd)
+  void* sum_exp = nullptr;         // (n) stat: out (sum), in (bwd)
+  void* target = nullptr;          // (n) stat: out (sum)
+  const void* grad = nullptr;      // (n) stat (bwd): d loss / d loss_i
+  void* dlogits = nullptr;         // (n, V) dtype out (bwd; may alias logits)
+};
+
+// The fused QKV projection's output, per query group g (ng groups): q_per_group query heads, then
+// one key head, then one value head, hd each. Row r of qkv (rows, ng·(q_per_group + 2)·hd):
+//   split: q (rows, ng·q_per_group, hd) (query head g·q_per_group + j), k (rows, ng, hd), v alike
+//   merge: qkv from q, k and v (the split's backward)
+struct QkvArgs {
+  DType dtype = DType::f32;
+  int64_t rows = 0, ng = 0, q_per_group = 0, hd = 0;
+  bool merge = false;
+  void* qkv = nullptr;  // (rows, ng·(q_per_group + 2)·hd)
+  void* q = nullptr;    // (rows, ng·q_per_group, hd)
+  void* k = nullptr;    // (rows, ng, hd)
+  void* v = nullptr;    // (rows, ng, hd)
+};
+
+// Causal softmax attention with grouped query heads, computed block by block with an online
+// softmax (never an (Sq × Sk) matrix; FlashAttention-2's algorithm). Query head h reads key/value
+// head h / (nq / nkv). For query i: s_j = scale · q_i·k_j over the keys with k_pos[j] ≤ q_pos[i]
+// (causal by position, so context-parallel chunks work), o_i = Σ_j softmax(s)_j · v_j,
+// lse[b, h, i] = logsumexp_j s_j (a query with no visible key gets o_i = 0, lse = −inf).
+struct AttnFwdArgs {
+  DType dtype = DType::f32;
+  int64_t Sq = 0, Sk = 0, B = 0, nq = 0, nkv = 0, hd = 0;
+  double scale = 1.0;
+  const int64_t* q_pos = nullptr;  // (Sq) i64
+  const int64_t* k_pos = nullptr;  // (Sk) i64
+  const void* q = nullptr;         // (Sq, B, nq, hd) dtype
+  const void* k = nullptr;         // (Sk, B, nkv, hd) dtype
+  const void* v = nullptr;         // (Sk, B, nkv, hd) dtype
+  void* o = nullptr;               // (Sq, B, nq, hd) dtype out
+  void* lse = nullptr;             // (B, nq, Sq) stat out
+};
+// Backward: D_i = Σ dO_i·O_i; P recomputed block by block from lse; dV = Pᵀ·dO; dP = dO·Vᵀ;
+// dS = P ∘ (dP − D); dQ = scale · dS·K; dK = scale · dSᵀ·Q. dq, dk, dv are overwritten (dk/dv sum
+// over the query heads of their group).
+struct AttnBwdArgs {
+  DType dtype = DType::f32;
+  int64_t Sq = 0, Sk = 0, B = 0, nq = 0, nkv = 0, hd = 0;
+  double scale = 1.0;
+  const int64_t* q_pos = nullptr;  // (Sq) i64
+  const int64_t* k_pos = nullptr;  // (Sk) i64
+  const void* q = nullptr;         // (Sq, B, nq, hd)
+  const void* k = nullptr;         // (Sk, B, nkv, hd)
+  const void* v = nullptr;         // (Sk, B, nkv, hd)
+  const void* o = nullptr;         // (Sq, B, nq, hd)
+  const void* lse = nullptr;       // (B, nq, Sq) stat
+  const void* dout = nullptr;      // (Sq, B, nq, hd)
+  void* dq = nullptr;              // (Sq, B, nq, hd) out
+  void* dk = nullptr;              // (Sk, B, nkv, hd) out
+  void* dv = nullptr;              // (Sk, B, nkv, hd) out
+};
+
+// ---------------------------------------------------------------------------------------------
 // One function per op. A null entry means the backend lacks the op (the wrapper says so).
 struct KernelTable {
   void (*gemm)(const GemmArgs&, const ExecCtx&) = nullptr;
@@ -339,6 +476,17 @@ struct KernelTable {
   void (*jitter)(const JitterArgs&, const ExecCtx&) = nullptr;
   void (*mse)(const MseArgs&, const ExecCtx&) = nullptr;
   void (*adam)(const AdamArgs&, const ExecCtx&) = nullptr;
+  void (*norm_fwd)(const NormFwdArgs&, const ExecCtx&) = nullptr;
+  void (*norm_bwd)(const NormBwdArgs&, const ExecCtx&) = nullptr;
+  void (*rope)(const RopeArgs&, const ExecCtx&) = nullptr;
+  void (*embedding_fwd)(const EmbeddingArgs&, const ExecCtx&) = nullptr;
+  void (*embedding_bwd)(const EmbeddingArgs&, const ExecCtx&) = nullptr;
+  void (*xent_max)(const XentArgs&, const ExecCtx&) = nullptr;
+  void (*xent_sum)(const XentArgs&, const ExecCtx&) = nullptr;
+  void (*xent_bwd)(const XentArgs&, const ExecCtx&) = nullptr;
+  void (*qkv)(const QkvArgs&, const ExecCtx&) = nullptr;
+  void (*attn_fwd)(const AttnFwdArgs&, const ExecCtx&) = nullptr;
+  void (*attn_bwd)(const AttnBwdArgs&, const ExecCtx&) = nullptr;
 };
 
 }  // namespace moe

@@ -42,6 +42,28 @@ struct MoEConfig {
   uint64_t seed = 1234;
   double init_method_std = 0.02;
 
+  // ---- the GPT model around the MoE layers (docs/model.md); unused by a lone layer ----
+  int64_t num_layers = 0;                        // 0: not a model config
+  int64_t num_attention_heads = 0;               // nh
+  std::optional<int64_t> num_query_groups;       // ng (unset: nh, plain multi-head attention)
+  std::optional<int64_t> kv_channels;            // hd (unset: hidden_size / nh)
+  std::optional<int64_t> ffn_hidden_size;        // dense MLP width (unset: 4·hidden_size)
+  int64_t vocab_size = 0;                        // V
+  int64_t seq_length = 0;                        // S
+  std::string normalization = "LayerNorm";       // LayerNorm | RMSNorm
+  double layernorm_epsilon = 1e-5;
+  std::string position_embedding_type = "learned_absolute";  // learned_absolute | rope
+  double rotary_base = 10000;
+  double rotary_percent = 1.0;
+  bool qk_layernorm = false;
+  bool untie_embeddings_and_output_weights = false;
+  // One integer N (layer i is MoE when i % N == 0) or one 0/1 per layer (JSON: an int or a list).
+  std::vector<int64_t> moe_layer_freq = {1};
+  bool add_bias_linear = false;     // Megatron's default is true: true is refused (no biases here)
+  double hidden_dropout = 0.0;      // Megatron's default is 0.1: non-zero is refused (no dropout)
+  double attention_dropout = 0.0;   // likewise
+  int64_t num_microbatches = 1;     // M: micro-batches per replica and step (moe_gpt_io)
+
   // ---- parallelism (DESIGN.md §5) ----
   int64_t tensor_model_parallel_size = 1;
   int64_t context_parallel_size = 1;
@@ -62,6 +84,11 @@ struct MoEConfig {
   int64_t etp() const { return expert_tensor_parallel_size.value_or(tensor_model_parallel_size); }
   int64_t fc1_out_features() const { return gated_linear_unit ? 2 * moe_ffn_hidden_size : moe_ffn_hidden_size; }
   bool has_shared_expert() const { return moe_shared_expert_intermediate_size.value_or(0) > 0; }
+  // Model helpers (the defaults Megatron derives).
+  int64_t query_groups() const { return num_query_groups.value_or(num_attention_heads); }
+  int64_t head_dim() const { return kv_channels.value_or(num_attention_heads > 0 ? hidden_size / num_attention_heads : 0); }
+  int64_t dense_ffn() const { return ffn_hidden_size.value_or(4 * hidden_size); }
+  bool is_moe_layer(int64_t layer) const;  // layer counted from 0 over the whole model
 };
 
 // Parses a JSON object; unknown keys and wrong types are errors naming `source`, the key and the
@@ -81,5 +108,14 @@ std::vector<std::string> config_keys();
 void validate(const MoEConfig& config);
 // Also checks the parallel sizes against a world size (divisibility, experts % EP, ...).
 void validate_parallel(const MoEConfig& config, int64_t world_size);
+
+// The GPT model's keys (docs/model.md): sizes, heads and query groups, normalization, position
+// embedding, moe_layer_freq, refused Megatron features; then validate() of the MoE part (with
+// moe_ffn_hidden_size defaulting to the dense width as in Megatron). With world_size > 0 also the
+// model's parallel rules: heads and query groups over TP, vocabulary over TP, sequence over TP·CP
+// (and 2·CP chunks under context parallelism), PP = 1 until pipelining exists.
+void validate_model(const MoEConfig& config, int64_t world_size = 0);
+// The config a model layer runs with: moe_ffn_hidden_size defaulted to the dense width (Megatron).
+MoEConfig resolve_model_config(const MoEConfig& config);
 
 }  // namespace moe

@@ -29,8 +29,9 @@ struct ExpertsSharding {
 
 class GroupedExperts {
  public:
+  // param_prefix goes before the canonical names ("decoder.layers.3.mlp." inside a model).
   GroupedExperts(const MoEConfig& config, Device device, ExpertsSharding sharding = {},
-                 const std::string& slot_prefix = "experts.");
+                 const std::string& slot_prefix = "experts.", const std::string& param_prefix = "");
 
   // x (N, H), rows (G) per local expert, probs (N) in the prob dtype → y (N, H).
   Tensor forward(const Tensor& x, const std::vector<int64_t>& rows, const Tensor& probs, ActivationStore& store);
@@ -52,20 +53,31 @@ class GroupedExperts {
   std::vector<int64_t> rows_;  // of the pending forward
 };
 
+// What tells a dense MLP from the shared expert (as in Megatron, whose SharedExpertMLP is an MLP):
+// the names, the width and the gate.
+struct MlpSpec {
+  std::string param_prefix = "shared_experts.";  // "decoder.layers.1.mlp." for a model's dense MLP
+  int64_t width = 0;                             // F (fc1 gives 2F with a GLU)
+  bool gate = false;
+};
+
 // The shared expert: one dense MLP of width moe_shared_expert_intermediate_size over every
 // token, optionally scaled by a sigmoid gate σ(x·w_gᵀ) (DESIGN.md §7). With a TP group it runs like
 // Megatron's sequence-parallel column/row-parallel MLP: all-gather the tokens over TP, fc1 split by
 // output rows, fc2 by input columns, reduce-scatter back to this rank's tokens, then the gate.
+// The same class is the model's dense MLP (MlpSpec: its names and ffn_hidden_size, no gate).
 class SharedExperts {
  public:
   SharedExperts(const MoEConfig& config, Device device, std::shared_ptr<Communicator> tp = nullptr,
                 const std::string& slot_prefix = "shared_experts.");
+  SharedExperts(const MoEConfig& config, Device device, std::shared_ptr<Communicator> tp,
+                const std::string& slot_prefix, const MlpSpec& spec);
   // x (T, H) this rank's tokens → out (T, H).
   Tensor forward(const Tensor& x, ActivationStore& store);
   // dout (T, H); dx (T, H) += input gradient; grads accumulated.
   void backward(const Tensor& dout, Tensor& dx, ActivationStore& store);
 
-  Parameter& fc1() { return fc1_; }   // shared_experts.linear_fc1.weight (F1s, H), local rows
+  Parameter& fc1() { return fc1_; }   // <prefix>linear_fc1.weight (F1s, H), local rows
   Parameter& fc2() { return fc2_; }   // shared_experts.linear_fc2.weight (H, Fs), local columns
   Parameter& gate() { return gate_; } // shared_experts.gate_weight (1, H) (undefined without a gate)
   bool has_gate() const { return has_gate_; }

@@ -30,9 +30,10 @@ struct RoutingSummary {
 
 class MoELayer {
  public:
-  // groups null: a single process. layer_number enters the jitter key and slot names.
+  // groups null: a single process. layer_number enters the jitter key. param_prefix goes before
+  // every parameter's canonical name ("decoder.layers.3.mlp." inside a model; "" alone).
   MoELayer(const MoEConfig& config, Device device, std::shared_ptr<ProcessGroups> groups = nullptr,
-           int64_t layer_number = 0);
+           int64_t layer_number = 0, const std::string& param_prefix = "");
   ~MoELayer();
   MoELayer(const MoELayer&) = delete;
   MoELayer& operator=(const MoELayer&) = delete;

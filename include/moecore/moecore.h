@@ -11,6 +11,7 @@
 #include "moecore/experts.h"
 #include "moecore/logging.h"
 #include "moecore/moe_layer.h"
+#include "moecore/model.h"
 #include "moecore/optim.h"
 #include "moecore/parallel.h"
 #include "moecore/param.h"

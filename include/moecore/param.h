@@ -21,8 +21,11 @@ struct DimShard {
 };
 
 // Which gradient reduction a parameter takes (DESIGN.md §5): dense params over DP×CP, expert params
-// over EDP, and the router weight additionally summed over TP.
-enum class GradGroup : uint8_t { dense, expert, router };
+// over EDP, and the router weight additionally summed over TP. sequence_parallel: replicated over TP
+// while each TP rank sees other tokens or heads (norm weights, learned position embeddings under
+// sequence parallelism, qk-layernorm weights): summed over TP, then like dense (Megatron's
+// `sequence_parallel` parameter attribute).
+enum class GradGroup : uint8_t { dense, expert, router, sequence_parallel };
 
 struct Parameter {
   std::string name;              // canonical, e.g. "experts.linear_fc1.weight"

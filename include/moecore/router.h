@@ -36,7 +36,9 @@ struct RouterOutput {
 
 class Router {
  public:
-  Router(const MoEConfig& config, Device device, RouterGroups groups = {}, int64_t layer_number = 0);
+  // param_prefix goes before the canonical names ("decoder.layers.3.mlp." inside a model).
+  Router(const MoEConfig& config, Device device, RouterGroups groups = {}, int64_t layer_number = 0,
+         const std::string& param_prefix = "");
 
   // x (T, H) in the params dtype.
   RouterOutput forward(const Tensor& x, const ForwardContext& ctx, ActivationStore& store);

@@ -40,5 +40,18 @@ void cpu_row_dot(const RowDotArgs&, const ExecCtx&);
 void cpu_jitter(const JitterArgs&, const ExecCtx&);
 void cpu_mse(const MseArgs&, const ExecCtx&);
 void cpu_adam(const AdamArgs&, const ExecCtx&);
+// model_ops.cpp (norm, rope, embedding, cross entropy, qkv split)
+void cpu_norm_fwd(const NormFwdArgs&, const ExecCtx&);
+void cpu_norm_bwd(const NormBwdArgs&, const ExecCtx&);
+void cpu_rope(const RopeArgs&, const ExecCtx&);
+void cpu_embedding_fwd(const EmbeddingArgs&, const ExecCtx&);
+void cpu_embedding_bwd(const EmbeddingArgs&, const ExecCtx&);
+void cpu_xent_max(const XentArgs&, const ExecCtx&);
+void cpu_xent_sum(const XentArgs&, const ExecCtx&);
+void cpu_xent_bwd(const XentArgs&, const ExecCtx&);
+void cpu_qkv(const QkvArgs&, const ExecCtx&);
+// attention.cpp
+void cpu_attn_fwd(const AttnFwdArgs&, const ExecCtx&);
+void cpu_attn_bwd(const AttnBwdArgs&, const ExecCtx&);
 
 }  // namespace moe

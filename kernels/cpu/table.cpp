@@ -31,6 +31,17 @@ const KernelTable& cpu_kernel_table() {
     t.jitter = cpu_jitter;
     t.mse = cpu_mse;
     t.adam = cpu_adam;
+    t.norm_fwd = cpu_norm_fwd;
+    t.norm_bwd = cpu_norm_bwd;
+    t.rope = cpu_rope;
+    t.embedding_fwd = cpu_embedding_fwd;
+    t.embedding_bwd = cpu_embedding_bwd;
+    t.xent_max = cpu_xent_max;
+    t.xent_sum = cpu_xent_sum;
+    t.xent_bwd = cpu_xent_bwd;
+    t.qkv = cpu_qkv;
+    t.attn_fwd = cpu_attn_fwd;
+    t.attn_bwd = cpu_attn_bwd;
     return t;
   }();
   return table;

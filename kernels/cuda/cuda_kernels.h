@@ -38,5 +38,18 @@ void cuda_row_dot(const RowDotArgs&, const ExecCtx&);
 void cuda_jitter(const JitterArgs&, const ExecCtx&);
 void cuda_mse(const MseArgs&, const ExecCtx&);
 void cuda_adam(const AdamArgs&, const ExecCtx&);
+// model_ops.cu (norm, rope, embedding, cross entropy, qkv split)
+void cuda_norm_fwd(const NormFwdArgs&, const ExecCtx&);
+void cuda_norm_bwd(const NormBwdArgs&, const ExecCtx&);
+void cuda_rope(const RopeArgs&, const ExecCtx&);
+void cuda_embedding_fwd(const EmbeddingArgs&, const ExecCtx&);
+void cuda_embedding_bwd(const EmbeddingArgs&, const ExecCtx&);
+void cuda_xent_max(const XentArgs&, const ExecCtx&);
+void cuda_xent_sum(const XentArgs&, const ExecCtx&);
+void cuda_xent_bwd(const XentArgs&, const ExecCtx&);
+void cuda_qkv(const QkvArgs&, const ExecCtx&);
+// attention.cu
+void cuda_attn_fwd(const AttnFwdArgs&, const ExecCtx&);
+void cuda_attn_bwd(const AttnBwdArgs&, const ExecCtx&);
 
 }  // namespace moe

@@ -273,7 +273,8 @@ struct Codec<std::vector<T>> {
 using FieldPtr = std::variant<int64_t MoEConfig::*, uint64_t MoEConfig::*, double MoEConfig::*, bool MoEConfig::*,
                               std::string MoEConfig::*, std::optional<int64_t> MoEConfig::*,
                               std::optional<double> MoEConfig::*, std::optional<std::string> MoEConfig::*,
-                              std::vector<std::string> MoEConfig::*, std::vector<double> MoEConfig::*>;
+                              std::vector<std::string> MoEConfig::*, std::vector<double> MoEConfig::*,
+                              std::vector<int64_t> MoEConfig::*>;
 
 struct KeyInfo {
   const char* name;
@@ -312,6 +313,26 @@ const std::vector<KeyInfo>& key_table() {
       MOE_CONFIG_KEY(params_dtype),
       MOE_CONFIG_KEY(seed),
       MOE_CONFIG_KEY(init_method_std),
+      // the GPT model
+      MOE_CONFIG_KEY(num_layers),
+      MOE_CONFIG_KEY(num_attention_heads),
+      MOE_CONFIG_KEY(num_query_groups),
+      MOE_CONFIG_KEY(kv_channels),
+      MOE_CONFIG_KEY(ffn_hidden_size),
+      MOE_CONFIG_KEY(vocab_size),
+      MOE_CONFIG_KEY(seq_length),
+      MOE_CONFIG_KEY(normalization),
+      MOE_CONFIG_KEY(layernorm_epsilon),
+      MOE_CONFIG_KEY(position_embedding_type),
+      MOE_CONFIG_KEY(rotary_base),
+      MOE_CONFIG_KEY(rotary_percent),
+      MOE_CONFIG_KEY(qk_layernorm),
+      MOE_CONFIG_KEY(untie_embeddings_and_output_weights),
+      MOE_CONFIG_KEY(moe_layer_freq),
+      MOE_CONFIG_KEY(add_bias_linear),
+      MOE_CONFIG_KEY(hidden_dropout),
+      MOE_CONFIG_KEY(attention_dropout),
+      MOE_CONFIG_KEY(num_microbatches),
       // parallelism
       MOE_CONFIG_KEY(tensor_model_parallel_size),
       MOE_CONFIG_KEY(context_parallel_size),
@@ -651,6 +672,87 @@ void validate_parallel(const MoEConfig& c, int64_t world_size) {
                        ") and the expert side (pp stride ", expert_stride,
                        "); put pp where the axes before it have the same product on both sides (e.g. last)");
   }
+}
+
+bool MoEConfig::is_moe_layer(int64_t layer) const {
+  const auto& f = moe_layer_freq;
+  if (static_cast<int64_t>(f.size()) == num_layers && num_layers > 1) return f[static_cast<size_t>(layer)] != 0;
+  if (f.size() == 1 && num_layers == 1 && (f[0] == 0 || f[0] == 1)) return f[0] != 0;
+  return f.size() == 1 && f[0] >= 1 && layer % f[0] == 0;
+}
+
+MoEConfig resolve_model_config(const MoEConfig& config) {
+  MoEConfig c = config;
+  if (c.moe_ffn_hidden_size == 0) c.moe_ffn_hidden_size = c.dense_ffn();
+  return c;
+}
+
+void validate_model(const MoEConfig& config, int64_t world_size) {
+  const MoEConfig c = resolve_model_config(config);
+  require_positive("num_layers", c.num_layers);
+  require_positive("hidden_size", c.hidden_size);
+  require_positive("num_attention_heads", c.num_attention_heads);
+  require_positive("vocab_size", c.vocab_size);
+  require_positive("seq_length", c.seq_length);
+  const int64_t nh = c.num_attention_heads, ng = c.query_groups(), L = c.num_layers;
+  require_positive("num_query_groups", ng);
+  MOE_CONFIG_REQUIRE(nh % ng == 0, "num_attention_heads = ", nh, " must be divisible by num_query_groups = ", ng);
+  if (!c.kv_channels)
+    MOE_CONFIG_REQUIRE(c.hidden_size % nh == 0, "hidden_size = ", c.hidden_size,
+                       " must be divisible by num_attention_heads = ", nh, " when kv_channels is unset");
+  require_positive("kv_channels", c.head_dim());
+  require_positive("ffn_hidden_size", c.dense_ffn());
+  require_one_of("normalization", c.normalization, {"LayerNorm", "RMSNorm"});
+  MOE_CONFIG_REQUIRE(c.layernorm_epsilon > 0.0, "layernorm_epsilon must be > 0, got layernorm_epsilon = ",
+                     c.layernorm_epsilon);
+  require_one_of("position_embedding_type", c.position_embedding_type, {"learned_absolute", "rope"});
+  if (c.position_embedding_type == "rope") {
+    MOE_CONFIG_REQUIRE(c.rotary_base > 0.0, "rotary_base must be > 0, got rotary_base = ", c.rotary_base);
+    MOE_CONFIG_REQUIRE(c.rotary_percent > 0.0 && c.rotary_percent <= 1.0,
+                       "rotary_percent must be in (0, 1], got rotary_percent = ", c.rotary_percent);
+    const double rd = static_cast<double>(c.head_dim()) * c.rotary_percent;
+    MOE_CONFIG_REQUIRE(rd == std::floor(rd) && static_cast<int64_t>(rd) % 2 == 0 && rd >= 2,
+                       "kv_channels·rotary_percent must be an even number of rotary dims >= 2, got ", c.head_dim(),
+                       "·", c.rotary_percent, " = ", rd);
+  }
+  const auto& f = c.moe_layer_freq;
+  const bool pattern = static_cast<int64_t>(f.size()) == L && L > 1;
+  if (pattern) {
+    for (size_t i = 0; i < f.size(); ++i)
+      MOE_CONFIG_REQUIRE(f[i] == 0 || f[i] == 1, "moe_layer_freq as a list takes one 0 (dense) or 1 (MoE) per layer, ",
+                         "got moe_layer_freq[", i, "] = ", f[i]);
+  } else {
+    MOE_CONFIG_REQUIRE(f.size() == 1 && (f[0] >= 1 || (L == 1 && f[0] == 0)),
+                       "moe_layer_freq must be one integer N >= 1 (layer i is MoE when i % N == 0) or a list of ",
+                       "num_layers = ", L, " entries of 0/1, got ", f.size(), " value(s) starting with ",
+                       f.empty() ? 0 : f[0]);
+  }
+  MOE_CONFIG_REQUIRE(!c.add_bias_linear, "add_bias_linear = true is not supported: linear layers have no biases ",
+                     "here (set add_bias_linear = false, --disable-bias-linear in Megatron)");
+  MOE_CONFIG_REQUIRE(c.hidden_dropout == 0.0, "hidden_dropout = ", c.hidden_dropout,
+                     " is not supported: the model has no dropout (set hidden_dropout = 0)");
+  MOE_CONFIG_REQUIRE(c.attention_dropout == 0.0, "attention_dropout = ", c.attention_dropout,
+                     " is not supported: the model has no dropout (set attention_dropout = 0)");
+  require_positive("num_microbatches", c.num_microbatches);
+  validate(c);
+  if (world_size <= 0) return;
+  validate_parallel(c, world_size);
+  const int64_t TP = c.tensor_model_parallel_size, CP = c.context_parallel_size, S = c.seq_length;
+  MOE_CONFIG_REQUIRE(ng % TP == 0, "num_query_groups = ", ng, " must be divisible by tensor_model_parallel_size = ",
+                     TP, " (tensor parallelism splits whole query groups)");
+  MOE_CONFIG_REQUIRE(c.vocab_size % TP == 0, "vocab_size = ", c.vocab_size,
+                     " must be divisible by tensor_model_parallel_size = ", TP,
+                     " (the embedding and output layer are vocab-parallel; pad the vocabulary)");
+  MOE_CONFIG_REQUIRE(c.dense_ffn() % TP == 0, "ffn_hidden_size = ", c.dense_ffn(),
+                     " must be divisible by tensor_model_parallel_size = ", TP);
+  MOE_CONFIG_REQUIRE(S % (TP * CP) == 0, "seq_length = ", S,
+                     " must be divisible by tensor_model_parallel_size·context_parallel_size = ", TP * CP);
+  if (CP > 1)
+    MOE_CONFIG_REQUIRE(S % (2 * CP) == 0, "seq_length = ", S, " must be divisible by 2·context_parallel_size = ",
+                       2 * CP, " (context parallelism splits the sequence into 2·CP load-balanced chunks)");
+  MOE_CONFIG_REQUIRE(c.pipeline_model_parallel_size == 1, "pipeline_model_parallel_size = ",
+                     c.pipeline_model_parallel_size, " is not supported by the model yet (pipeline stages are ",
+                     "not implemented): use 1");
 }
 
 #undef MOE_CONFIG_REQUIRE

@@ -74,6 +74,46 @@ double mse(const Tensor& y, const Tensor& target, Tensor* dy, double scale);  //
 void adam(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, double lr, double beta1, double beta2,
           double eps, double weight_decay, int64_t step);
 
+// ---- the transformer around the MoE layer (kernels/ops.h has each op's exact contract) ----------
+// The statistics dtype next to `dtype`: f64 with f64, else f32 (norm stats, lse, cross-entropy rows).
+inline DType stat_dtype_for(DType dtype) { return dtype == DType::f64 ? DType::f64 : DType::f32; }
+
+// ops_model.cpp
+// x (rows, D), weight (D), bias (D) optional (layer only) → y (rows, D) (may be x), mean (rows)
+// (layer only, else null), rstd (rows) in the stat dtype.
+void norm_fwd(NormKind kind, double eps, const Tensor& x, const Tensor& weight, const Tensor* bias, Tensor& y,
+              Tensor* mean, Tensor& rstd);
+// dx (rows, D) overwritten (may be dy); dweight (D) and dbias (D, layer only, optional) accumulated.
+void norm_bwd(NormKind kind, const Tensor& x, const Tensor& weight, const Tensor* mean, const Tensor& rstd,
+              const Tensor& dy, Tensor& dx, Tensor& dweight, Tensor* dbias);
+// x, y (S, B, heads, hd) (y may be x), positions (S) i64; rd rotary dims (even, <= hd).
+void rope(const Tensor& positions, int64_t rd, double base, bool inverse, const Tensor& x, Tensor& y);
+// ids (n) i64, table (V, H), out (n, H): rows of this rank's vocabulary slice [vocab_start, +V).
+void embedding_fwd(const Tensor& ids, const Tensor& table, int64_t vocab_start, Tensor& out, bool accumulate);
+// dtable (V, H) += the rows of dout (n, H) whose ids fall in the slice.
+void embedding_bwd(const Tensor& ids, const Tensor& dout, int64_t vocab_start, Tensor& dtable);
+// logits (n, V) → row_max (n) stat.
+void xent_max(const Tensor& logits, Tensor& row_max);
+// logits (n, V), labels (n) i64, row_max (n) → sum_exp (n), target (n) stat.
+void xent_sum(const Tensor& logits, const Tensor& labels, int64_t vocab_start, const Tensor& row_max,
+              Tensor& sum_exp, Tensor& target);
+// → dlogits (n, V) (may be logits) = grad[i] · (softmax − one-hot).
+void xent_bwd(const Tensor& logits, const Tensor& labels, int64_t vocab_start, const Tensor& row_max,
+              const Tensor& sum_exp, const Tensor& grad, Tensor& dlogits);
+// qkv (rows, ng·(q_per_group + 2)·hd) ↔ q (rows, ng·q_per_group, hd), k (rows, ng, hd), v (rows, ng, hd).
+void qkv_split(const Tensor& qkv, int64_t ng, int64_t q_per_group, Tensor& q, Tensor& k, Tensor& v);
+void qkv_merge(const Tensor& q, const Tensor& k, const Tensor& v, int64_t ng, int64_t q_per_group, Tensor& qkv);
+
+// ops_attention.cpp
+// q (Sq, B, nq, hd), k/v (Sk, B, nkv, hd), q_pos (Sq) i64, k_pos (Sk) i64 → o (Sq, B, nq, hd),
+// lse (B, nq, Sq) stat.
+void attention_fwd(double scale, const Tensor& q_pos, const Tensor& k_pos, const Tensor& q, const Tensor& k,
+                   const Tensor& v, Tensor& o, Tensor& lse);
+// → dq (Sq, B, nq, hd), dk, dv (Sk, B, nkv, hd), overwritten.
+void attention_bwd(double scale, const Tensor& q_pos, const Tensor& k_pos, const Tensor& q, const Tensor& k,
+                   const Tensor& v, const Tensor& o, const Tensor& lse, const Tensor& dout, Tensor& dq, Tensor& dk,
+                   Tensor& dv);
+
 // The dtype probabilities travel in next to rows of `dtype`: f64 with f64, else f32.
 inline DType prob_dtype_for(DType dtype) { return dtype == DType::f64 ? DType::f64 : DType::f32; }
 

@@ -24,7 +24,7 @@
 namespace moe {
 
 GroupedExperts::GroupedExperts(const MoEConfig& config, Device device, ExpertsSharding sharding,
-                               const std::string& slot_prefix)
+                               const std::string& slot_prefix, const std::string& param_prefix)
     : config_(config), device_(device), prefix_(slot_prefix) {
   const char* who = "GroupedExperts";
   const int64_t E = config.num_moe_experts, H = config.hidden_size, F = config.moe_ffn_hidden_size;
@@ -48,11 +48,11 @@ GroupedExperts::GroupedExperts(const MoEConfig& config, Device device, ExpertsSh
             ": params_dtype must be fp32, fp64 or bf16, got '", config.params_dtype, "'");
   const int64_t f_start = sharding.etp_rank * F_;
   // fc1 (E, F1, H): experts on dim 0; output rows on dim 1, each GLU half split alike.
-  fc1_ = make_parameter("experts.linear_fc1.weight", {E, F1, H},
+  fc1_ = make_parameter(param_prefix + "experts.linear_fc1.weight", {E, F1, H},
                         {DimShard{0, sharding.first_expert, G_, false}, DimShard{1, f_start, F1_local, glu}}, dt,
                         device, config.seed, config.init_method_std, GradGroup::expert);
   // fc2 (E, H, F): experts on dim 0; input columns on dim 2.
-  fc2_ = make_parameter("experts.linear_fc2.weight", {E, H, F},
+  fc2_ = make_parameter(param_prefix + "experts.linear_fc2.weight", {E, H, F},
                         {DimShard{0, sharding.first_expert, G_, false}, DimShard{2, f_start, F_, false}}, dt,
                         device, config.seed, config.init_method_std, GradGroup::expert);
 }

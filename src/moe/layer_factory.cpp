@@ -5,13 +5,16 @@
 namespace moe {
 
 LayerParts make_layer_parts(const MoEConfig& config, Device device, const std::shared_ptr<ProcessGroups>& groups,
-                            int64_t layer_number) {
+                            int64_t layer_number, const std::string& param_prefix) {
+  const MlpSpec shared_spec{param_prefix + "shared_experts.", config.moe_shared_expert_intermediate_size.value_or(0),
+                            config.moe_shared_expert_gate};
   LayerParts p;
   if (!groups || groups->world().size() == 1) {
     if (groups) validate_parallel(config, 1);
-    p.router = std::make_unique<Router>(config, device, RouterGroups{}, layer_number);
-    p.experts = std::make_unique<GroupedExperts>(config, device, ExpertsSharding{});
-    if (config.has_shared_expert()) p.shared = std::make_unique<SharedExperts>(config, device);
+    p.router = std::make_unique<Router>(config, device, RouterGroups{}, layer_number, param_prefix);
+    p.experts = std::make_unique<GroupedExperts>(config, device, ExpertsSharding{}, "experts.", param_prefix);
+    if (config.has_shared_expert())
+      p.shared = std::make_unique<SharedExperts>(config, device, nullptr, "shared_experts.", shared_spec);
     p.dispatcher = std::make_unique<LocalDispatcher>();
     return p;
   }
@@ -30,15 +33,16 @@ LayerParts make_layer_parts(const MoEConfig& config, Device device, const std::s
   const int64_t E = config.num_moe_experts, EP = g.ep().size(), G = E / EP;
   p.router = std::make_unique<Router>(config, device, RouterGroups{g.group_ptr(GroupKind::tp_cp),
                                                                    g.group_ptr(GroupKind::tp_dp_cp)},
-                                      layer_number);
+                                      layer_number, param_prefix);
   ExpertsSharding sh;
   sh.first_expert = g.ep().rank() * G;
   sh.num_local_experts = G;
   sh.etp_rank = g.etp().rank();
   sh.etp_size = g.etp().size();
-  p.experts = std::make_unique<GroupedExperts>(config, device, sh);
+  p.experts = std::make_unique<GroupedExperts>(config, device, sh, "experts.", param_prefix);
   if (config.has_shared_expert())
-    p.shared = std::make_unique<SharedExperts>(config, device, g.group_ptr(GroupKind::tp));
+    p.shared = std::make_unique<SharedExperts>(config, device, g.group_ptr(GroupKind::tp), "shared_experts.",
+                                               shared_spec);
 
   if (EP * g.etp().size() == 1) {
     p.dispatcher = std::make_unique<LocalDispatcher>();

@@ -19,7 +19,8 @@ struct LayerParts {
   std::unique_ptr<TokenDispatcher> dispatcher;
 };
 
+// param_prefix goes before every parameter's canonical name ("decoder.layers.3.mlp." in a model).
 LayerParts make_layer_parts(const MoEConfig& config, Device device, const std::shared_ptr<ProcessGroups>& groups,
-                            int64_t layer_number);
+                            int64_t layer_number, const std::string& param_prefix = "");
 
 }  // namespace moe

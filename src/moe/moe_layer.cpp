@@ -41,10 +41,10 @@ void apply_memory_policies(const MoEConfig& c, ActivationStore& store) {
 }  // namespace
 
 MoELayer::MoELayer(const MoEConfig& config, Device device, std::shared_ptr<ProcessGroups> groups,
-                   int64_t layer_number)
+                   int64_t layer_number, const std::string& param_prefix)
     : config_(config), device_(device), groups_(std::move(groups)), layer_number_(layer_number) {
   validate(config_);
-  LayerParts parts = make_layer_parts(config_, device_, groups_, layer_number_);
+  LayerParts parts = make_layer_parts(config_, device_, groups_, layer_number_, param_prefix);
   router_ = std::move(parts.router);
   experts_ = std::move(parts.experts);
   shared_ = std::move(parts.shared);

@@ -90,7 +90,8 @@ struct Router::Pending {
   double z_coef = 0.0;  // loss_scale · coeff / (n · T)
 };
 
-Router::Router(const MoEConfig& config, Device device, RouterGroups groups, int64_t layer_number)
+Router::Router(const MoEConfig& config, Device device, RouterGroups groups, int64_t layer_number,
+               const std::string& param_prefix)
     : config_(config), device_(device), groups_(std::move(groups)), layer_number_(layer_number) {
   const MoEConfig& c = config_;
   const int64_t E = c.num_moe_experts, H = c.hidden_size, k = c.moe_router_topk;
@@ -129,13 +130,13 @@ Router::Router(const MoEConfig& config, Device device, RouterGroups groups, int6
 
   const DType pd = params_dtype_of(c);
   router_dtype_ = router_dtype_of(c, pd);
-  weight_ = make_parameter("router.weight", {E, H}, {}, pd, device_, c.seed, c.init_method_std, GradGroup::router);
+  weight_ = make_parameter(param_prefix + "router.weight", {E, H}, {}, pd, device_, c.seed, c.init_method_std, GradGroup::router);
   if (c.moe_router_enable_expert_bias) {
-    expert_bias_ = make_parameter("router.expert_bias", {E}, {}, DType::f32, device_, c.seed, 0.0, GradGroup::router,
+    expert_bias_ = make_parameter(param_prefix + "router.expert_bias", {E}, {}, DType::f32, device_, c.seed, 0.0, GradGroup::router,
                                   /*trainable=*/false);
     local_tokens_per_expert_.assign(static_cast<size_t>(E), 0.0);
   } else {
-    expert_bias_.name = "router.expert_bias";
+    expert_bias_.name = param_prefix + "router.expert_bias";
     expert_bias_.canonical_shape = {E};
     expert_bias_.grad_group = GradGroup::router;
     expert_bias_.trainable = false;

@@ -26,51 +26,38 @@ namespace moe {
 
 SharedExperts::SharedExperts(const MoEConfig& config, Device device, std::shared_ptr<Communicator> tp,
                              const std::string& slot_prefix)
+    : SharedExperts(config, device, std::move(tp), slot_prefix,
+                    MlpSpec{"shared_experts.", config.moe_shared_expert_intermediate_size.value_or(0),
+                            config.moe_shared_expert_gate}) {}
+
+SharedExperts::SharedExperts(const MoEConfig& config, Device device, std::shared_ptr<Communicator> tp,
+                             const std::string& slot_prefix, const MlpSpec& spec)
     : config_(config), device_(device), tp_(std::move(tp)), prefix_(slot_prefix) {
-  const char* who = "SharedExperts";
-  const int64_t H = config.hidden_size, Fs = config.moe_shared_expert_intermediate_size.value_or(0);
+  const std::string who = "MLP '" + spec.param_prefix + "'";
+  const int64_t H = config.hidden_size, Fs = spec.width;
   MOE_CHECK(H > 0, who, ": hidden_size must be > 0, got ", H);
-  MOE_CHECK(Fs > 0, who, ": moe_shared_expert_intermediate_size must be > 0, got ", Fs);
-  activation_from_config(config, who);
+  MOE_CHECK(Fs > 0, who, ": the width (moe_shared_expert_intermediate_size or ffn_hidden_size) must be > 0, got ", Fs);
+  activation_from_config(config, who.c_str());
   const int64_t tp_size = tp_ ? tp_->size() : 1, tp_rank = tp_ ? tp_->rank() : 0;
-  MOE_CHECK(Fs % tp_size == 0, who, ": moe_shared_expert_intermediate_size ", Fs,
-            " is not divisible by the tensor parallel size ", tp_size);
+  MOE_CHECK(Fs % tp_size == 0, who, ": the width ", Fs, " is not divisible by the tensor parallel size ", tp_size);
   F_ = Fs / tp_size;
-  has_gate_ = config.moe_shared_expert_gate;
+  has_gate_ = spec.gate;
   const bool glu = config.gated_linear_unit;
   const int64_t F1s = glu ? 2 * Fs : Fs, F1_local = glu ? 2 * F_ : F_;
   const DType dt = dtype_from_name(config.params_dtype);
   MOE_CHECK(dt == DType::f32 || dt == DType::f64 || dt == DType::bf16, who,
             ": params_dtype must be fp32, fp64 or bf16, got '", config.params_dtype, "'");
   const int64_t f_start = tp_rank * F_;
-  fc1_ = make_parameter("shared_experts.linear_fc1.weight", {F1s, H}, {DimShard{0, f_start, F1_local, glu}}, dt,
-                        device, config.seed, config.init_method_std, GradGroup::dense);
-  fc2_ = make_parameter("shared_experts.linear_fc2.weight", {H, Fs}, {DimShard{1, f_start, F_, false}}, dt, device,
+  const std::string& pre = spec.param_prefix;
+  fc1_ = make_parameter(pre + "linear_fc1.weight", {F1s, H}, {DimShard{0, f_start, F1_local, glu}}, dt, device,
+                        config.seed, config.init_method_std, GradGroup::dense);
+  fc2_ = make_parameter(pre + "linear_fc2.weight", {H, Fs}, {DimShard{1, f_start, F_, false}}, dt, device,
                         config.seed, config.init_method_std, GradGroup::dense);
   if (has_gate_)
-    gate_ = make_parameter("shared_experts.gate_weight", {1, H}, {}, dt, device, config.seed, config.init_method_std,
+    gate_ = make_parameter(pre + "gate_weight", {1, H}, {}, dt, device, config.seed, config.init_method_std,
                            GradGroup::dense);
 }
 
-namespace {
-bool tp_active(const std::shared_ptr<Communicator>& tp) { return tp && tp->size() > 1; }
-
-// (T, H) → (T·tp, H): this rank's tokens gathered over TP, or x itself without TP.
-Tensor gather_tokens(const std::shared_ptr<Communicator>& tp, const Tensor& x) {
-  if (!tp_active(tp)) return x;
-  Tensor out = Tensor::empty({x.size(0) * tp->size(), x.size(1)}, x.dtype(), x.device());
-  tp->all_gather(x, out);
-  return out;
-}
-
-// (T·tp, H) partial sums → (T, H) this rank's tokens summed over TP, or the input without TP.
-Tensor scatter_tokens(const std::shared_ptr<Communicator>& tp, const Tensor& x) {
-  if (!tp_active(tp)) return x;
-  Tensor out = Tensor::empty({x.size(0) / tp->size(), x.size(1)}, x.dtype(), x.device());
-  tp->reduce_scatter(x, out);
-  return out;
-}
-}  // namespace
 
 Tensor SharedExperts::forward(const Tensor& x, ActivationStore& store) {
   const char* who = "SharedExperts::forward";
@@ -87,7 +74,7 @@ Tensor SharedExperts::forward(const Tensor& x, ActivationStore& store) {
   std::shared_ptr<Communicator> tp = tp_;
 
   auto fc1 = [this, tp](const Tensor& in) {  // (T, H) local tokens → (T·tp, F1)
-    return ops::matmul(gather_tokens(tp, in), false, fc1_.value, true);
+    return ops::matmul(sp_all_gather(tp, in), false, fc1_.value, true);
   };
   auto act_fwd = [this, dt, glu, act](const Tensor& h) {
     Tensor a = Tensor::empty({h.size(0), F_}, dt, device_);  // (T·tp, F)
@@ -95,7 +82,7 @@ Tensor SharedExperts::forward(const Tensor& x, ActivationStore& store) {
     return a;
   };
   auto fc2 = [this, tp](const Tensor& a) {  // (T·tp, F) → (T, H) local tokens
-    return scatter_tokens(tp, ops::matmul(a, false, fc2_.value, true));
+    return sp_reduce_scatter(tp, ops::matmul(a, false, fc2_.value, true));
   };
   auto gate = [this, pdt](const Tensor& in) {  // (T, H) → σ(x·w_gᵀ) (T) in the prob dtype
     Tensor logits = ops::cast(ops::matmul(in, false, gate_.value, true), pdt).view({in.size(0)});  // (T)
@@ -147,7 +134,7 @@ void SharedExperts::backward(const Tensor& dout, Tensor& dx, ActivationStore& st
     Tensor dlogit_p = Tensor::empty({T}, pdt, device_);
     ops::sigmoid_bwd(dg, g, dlogit_p);
     Tensor dlogit = ops::cast(dlogit_p, dt).view({T, 1});  // (T, 1)
-    if (tp_active(tp_)) {  // the replicated gate weight sums its gradient over the TP ranks' tokens
+    if (sp_active(tp_)) {  // the replicated gate weight sums its gradient over the TP ranks' tokens
       Tensor dw = ops::matmul(dlogit, true, x, false);  // (1, H)
       tp_->all_reduce(dw);
       ops::add_(gate_.grad, dw);
@@ -163,7 +150,7 @@ void SharedExperts::backward(const Tensor& dout, Tensor& dx, ActivationStore& st
 
   // fc2: dW2 += dygᵀ a, da = dyg · W2. As in the routed experts, da takes a's buffer once dW2 has
   // read a, and on the CPU dh takes h's (its act_bwd reads every element before writing it).
-  Tensor dyg = gather_tokens(tp_, dy);  // (T·tp, H)
+  Tensor dyg = sp_all_gather(tp_, dy);  // (T·tp, H)
   Tensor da = store.get(s_a);           // a (T·tp, F), then da
   ops::gemm(dyg, true, da, false, fc2_.grad, 1.0, 1.0);
   store.drop(s_a);
@@ -178,11 +165,11 @@ void SharedExperts::backward(const Tensor& dout, Tensor& dx, ActivationStore& st
   da = Tensor();
 
   // fc1: dW1 += dhᵀ xg, dx += reduce_scatter(dh · W1)
-  Tensor xg = gather_tokens(tp_, x);  // (T·tp, H)
+  Tensor xg = sp_all_gather(tp_, x);  // (T·tp, H)
   ops::gemm(dh, true, xg, false, fc1_.grad, 1.0, 1.0);
-  if (tp_active(tp_)) {
+  if (sp_active(tp_)) {
     Tensor dxg = ops::matmul(dh, false, fc1_.value, false);  // (T·tp, H) partial over TP
-    ops::add_(dx, scatter_tokens(tp_, dxg));
+    ops::add_(dx, sp_reduce_scatter(tp_, dxg));
   } else {
     ops::gemm(dh, false, fc1_.value, false, dx, 1.0, 1.0);
   }

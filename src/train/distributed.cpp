@@ -114,6 +114,7 @@ void finalize_grads(const std::vector<Parameter*>& params, const ProcessGroups& 
     if (!p->trainable || !p->grad.defined()) continue;
     switch (p->grad_group) {
       case GradGroup::router:
+      case GradGroup::sequence_parallel:
         g.tp().all_reduce(p->grad);
         g.dp_cp().all_reduce(p->grad);
         break;

@@ -19,6 +19,9 @@ trainable parameter (the gradient of sum(output * grad_output) + aux losses + z-
 probs (T, E), routing_map (T, E) u8, tokens_per_expert (E) i64, aux_loss (1), z_loss (1) and
 router.expert_bias.updated (E) when the expert bias is enabled. Token t = s*B + b.
 
+moe_layer_forward(c, x, params, S, B, ...) is the same layer as a differentiable function (output and
+aux/z-loss tensors inside the caller's autograd graph), for the whole-model reference_gpt.py.
+
 Everything is computed in `dtype` (f64 by default), including the router: the reference is the
 exact math, so a parity comparison measures libmoecore's rounding, not Megatron's (Megatron itself
 computes softmax/sigmoid scores in fp32 even with an fp64 router dtype).
@@ -384,6 +387,103 @@ def _to_tensor(value, dtype):
     return torch.from_numpy(np.array(value, dtype=np.float64)).to(dtype)
 
 
+def moe_layer_forward(c, x, params, S, B, expert_bias=None, defer_global_aux=False, capacity_shards=None):
+    """Differentiable forward of the MoE layer (router, aux/z losses, routed and shared experts),
+    usable inside a larger autograd graph (tests/parity/reference_gpt.py calls it per layer and
+    micro-batch).
+
+    c: a normalize_config() dict; x: (T, H) tokens, T = S*B, token t = s*B + b (Megatron's [s, b, h]
+    flattened; S and B matter for seq_aux_loss and nothing else); params: {canonical name: tensor}
+    for trainable_parameter_names(c); expert_bias: (E) tensor or None.
+    Returns a dict: output (T, H), aux_loss (0-d: the sum of the enabled load-balancing losses,
+    coefficients included), z_loss (0-d), probs (T, E) and routing_map (T, E) bool after capacity,
+    margins {decision: smallest margin}.
+
+    global_aux_loss: Megatron's router sums the global aux loss's counts over TP x DP x CP and keeps
+    their running mean over the micro-batches of a step (reset when the step's gradients are
+    finalised). For one micro-batch on one rank that is the micro-batch's own counts, which is what
+    happens with defer_global_aux=False (the term is inside aux_loss). With defer_global_aux=True it
+    is left out of aux_loss and the dict gets global_aux = (coeff, score_sums (E) differentiable,
+    counts (E) detached, T) for the caller to combine across micro-batches:
+    coeff * E / (k * T_total^2) * sum_i score_sums_i * running_mean_counts_i.
+
+    capacity_shards: None (the capacity applies to all T tokens) or a list of index lists that
+    partition range(T), each in its rank's local token order: Megatron's router runs on each rank's
+    local tokens (the sequence-parallel / context-parallel shard), so capacity and dropping are per
+    shard. Nothing else in the layer depends on the sharding.
+    """
+    T, H = x.shape
+    E, k = c["num_moe_experts"], c["moe_router_topk"]
+    dtype = x.dtype
+
+    # ---- router ----
+    logits = x @ params["router.weight"].t()  # (T, E)
+    z_loss = torch.zeros((), dtype=dtype)
+    if c["moe_z_loss_coeff"] is not None:
+        z_loss = c["moe_z_loss_coeff"] * (torch.logsumexp(logits, dim=-1) ** 2).mean()
+    probs, routing_map, sel_margin = _route(logits, c, expert_bias)
+    margins = {"selection": sel_margin}
+    if c["moe_expert_capacity_factor"] is not None:
+        if capacity_shards is None:
+            probs, routing_map, cap_margin, _ = _apply_capacity(probs, routing_map, c)
+        else:
+            order = torch.tensor([t for shard in capacity_shards for t in shard], dtype=torch.int64)
+            if sorted(order.tolist()) != list(range(T)):
+                raise ValueError("reference: capacity_shards must partition the tokens")
+            parts, cap_margin = [], math.inf
+            for shard in capacity_shards:
+                idx = torch.tensor(shard, dtype=torch.int64)
+                p_s, m_s, margin_s, _ = _apply_capacity(probs[idx], routing_map[idx], c)
+                parts.append((p_s, m_s))
+                cap_margin = min(cap_margin, margin_s)
+            inverse = torch.argsort(order)
+            probs = torch.cat([p_s for p_s, _ in parts])[inverse]
+            routing_map = torch.cat([m_s for _, m_s in parts])[inverse]
+        margins["capacity"] = cap_margin
+    aux_loss = torch.zeros((), dtype=dtype)
+    global_aux = None
+    lb = aux_loss_coeffs(c)
+    if lb:
+        scores, aux_map, aux_margin = _aux_scores(logits, c)
+        margins["aux_topk"] = aux_margin
+        for kind, coeff in lb.items():
+            if kind == "global_aux_loss" and defer_global_aux:
+                global_aux = (coeff, scores.sum(dim=0), aux_map.sum(dim=0).to(dtype), T)
+            elif kind in ("aux_loss", "global_aux_loss"):  # global == aux for one micro-batch on one rank
+                aux_loss = aux_loss + _switch_loss(scores, aux_map.sum(dim=0).to(dtype), T, k, E, coeff)
+            elif kind == "seq_aux_loss":
+                # Tokens t = s*B + b: viewing (S, B*E) makes each (sequence, expert) pair a column.
+                seq_scores = scores.reshape(S, B * E)
+                seq_counts = aux_map.reshape(S, B * E).sum(dim=0).to(dtype)
+                aux_loss = aux_loss + _switch_loss(seq_scores, seq_counts, S, k, E, coeff) / B
+            else:
+                raise ValueError(f"reference: unknown moe_router_load_balancing_type '{kind}'")
+
+    # ---- routed experts: each (token, expert) pair of the final map, plain sum per token ----
+    w1, w2 = params["experts.linear_fc1.weight"], params["experts.linear_fc2.weight"]
+    out = torch.zeros(T, H, dtype=dtype)
+    for e in range(E):
+        rows = routing_map[:, e].nonzero().flatten()
+        if rows.numel() == 0:
+            continue
+        a = _activation(x[rows] @ w1[e].t(), c) * probs[rows, e].unsqueeze(-1)
+        out = out.index_add(0, rows, a @ w2[e].t())
+
+    # ---- shared expert ----
+    if "shared_experts.linear_fc1.weight" in params:
+        sh = _activation(x @ params["shared_experts.linear_fc1.weight"].t(), c)
+        sh = sh @ params["shared_experts.linear_fc2.weight"].t()
+        if "shared_experts.gate_weight" in params:
+            sh = sh * torch.sigmoid(x @ params["shared_experts.gate_weight"].t())
+        out = out + sh
+
+    result = {"output": out, "aux_loss": aux_loss, "z_loss": z_loss, "probs": probs,
+              "routing_map": routing_map, "margins": margins}
+    if defer_global_aux:
+        result["global_aux"] = global_aux
+    return result
+
+
 def moe_layer_reference(config, inputs, dtype=None, return_margins=False):
     """Forward + backward of the MoE layer; see the module docstring. With return_margins=True
     also returns {decision: smallest margin} (selection, aux_topk, capacity) to reject inputs
@@ -392,7 +492,7 @@ def moe_layer_reference(config, inputs, dtype=None, return_margins=False):
         raise RuntimeError("reference_moe: torch is not importable")
     dtype = dtype or torch.float64
     c = normalize_config(config)
-    H, E, k = c["hidden_size"], c["num_moe_experts"], c["moe_router_topk"]
+    H, E = c["hidden_size"], c["num_moe_experts"]
     hs = _to_tensor(inputs["hidden_states"], dtype)
     if hs.dim() != 3 or hs.shape[2] != H:
         raise ValueError(f"reference: hidden_states must be (S, B, {H}), got {tuple(hs.shape)}")
@@ -420,50 +520,9 @@ def moe_layer_reference(config, inputs, dtype=None, return_margins=False):
 
     hs.requires_grad_(True)
     x = hs.reshape(T, H)
-
-    # ---- router ----
-    logits = x @ params["router.weight"].t()  # (T, E)
-    z_loss = torch.zeros((), dtype=dtype)
-    if c["moe_z_loss_coeff"] is not None:
-        z_loss = c["moe_z_loss_coeff"] * (torch.logsumexp(logits, dim=-1) ** 2).mean()
-    probs, routing_map, sel_margin = _route(logits, c, expert_bias)
-    margins = {"selection": sel_margin}
-    if c["moe_expert_capacity_factor"] is not None:
-        probs, routing_map, cap_margin, _ = _apply_capacity(probs, routing_map, c)
-        margins["capacity"] = cap_margin
-    aux_loss = torch.zeros((), dtype=dtype)
-    lb = aux_loss_coeffs(c)
-    if lb:
-        scores, aux_map, aux_margin = _aux_scores(logits, c)
-        margins["aux_topk"] = aux_margin
-        for kind, coeff in lb.items():
-            if kind in ("aux_loss", "global_aux_loss"):  # global == aux for one micro-batch on one rank
-                aux_loss = aux_loss + _switch_loss(scores, aux_map.sum(dim=0).to(dtype), T, k, E, coeff)
-            elif kind == "seq_aux_loss":
-                # Tokens t = s*B + b: viewing (S, B*E) makes each (sequence, expert) pair a column.
-                seq_scores = scores.reshape(S, B * E)
-                seq_counts = aux_map.reshape(S, B * E).sum(dim=0).to(dtype)
-                aux_loss = aux_loss + _switch_loss(seq_scores, seq_counts, S, k, E, coeff) / B
-            else:
-                raise ValueError(f"reference: unknown moe_router_load_balancing_type '{kind}'")
-
-    # ---- routed experts: each (token, expert) pair of the final map, plain sum per token ----
-    w1, w2 = params["experts.linear_fc1.weight"], params["experts.linear_fc2.weight"]
-    out = torch.zeros(T, H, dtype=dtype)
-    for e in range(E):
-        rows = routing_map[:, e].nonzero().flatten()
-        if rows.numel() == 0:
-            continue
-        a = _activation(x[rows] @ w1[e].t(), c) * probs[rows, e].unsqueeze(-1)
-        out = out.index_add(0, rows, a @ w2[e].t())
-
-    # ---- shared expert ----
-    if "shared_experts.linear_fc1.weight" in params:
-        sh = _activation(x @ params["shared_experts.linear_fc1.weight"].t(), c)
-        sh = sh @ params["shared_experts.linear_fc2.weight"].t()
-        if "shared_experts.gate_weight" in params:
-            sh = sh * torch.sigmoid(x @ params["shared_experts.gate_weight"].t())
-        out = out + sh
+    fwd = moe_layer_forward(c, x, params, S, B, expert_bias)
+    out, aux_loss, z_loss = fwd["output"], fwd["aux_loss"], fwd["z_loss"]
+    probs, routing_map, margins = fwd["probs"], fwd["routing_map"], fwd["margins"]
 
     # ---- backward: the aux and z losses join the objective with loss scale 1 ----
     objective = (out * dy).sum() + aux_loss + z_loss

@@ -33,6 +33,17 @@ const KernelTable& cuda_kernel_table() {
     t.jitter = cuda_jitter;
     t.mse = cuda_mse;
     t.adam = cuda_adam;
+    t.norm_fwd = cuda_norm_fwd;
+    t.norm_bwd = cuda_norm_bwd;
+    t.rope = cuda_rope;
+    t.embedding_fwd = cuda_embedding_fwd;
+    t.embedding_bwd = cuda_embedding_bwd;
+    t.xent_max = cuda_xent_max;
+    t.xent_sum = cuda_xent_sum;
+    t.xent_bwd = cuda_xent_bwd;
+    t.qkv = cuda_qkv;
+    t.attn_fwd = cuda_attn_fwd;
+    t.attn_bwd = cuda_attn_bwd;
     return t;
   }();
   return table;

@@ -87,6 +87,11 @@ struct RankLayout {
 // every group of every kind.
 RankLayout make_rank_layout(const ParallelSizes& sizes);
 
+// Megatron's start-up print of where rank r lives, one line per rank:
+//   "rank 3: tp [2,3] cp [3] dp [1,3] pp [3] ep [0,1,2,3] etp [3] edp [3]"
+// each group's member ranks comma-separated in ascending order.
+std::string format_rank_line(const RankLayout& layout, int rank);
+
 // The sizes a config asks for on `world` ranks (etp defaults to tp).
 ParallelSizes parallel_sizes_from_config(const MoEConfig& config, int64_t world);
 

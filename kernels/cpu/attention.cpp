@@ -42,6 +42,9 @@ namespace {
 
 constexpr int64_t kBq = 64;  // queries per block
 constexpr int64_t kBk = 64;  // keys per block
+// Below about this many score elements × hd a call runs on one thread (a parallel region would
+// cost more than it saves; finite-difference tests make thousands of tiny calls).
+constexpr int64_t kParallelWork = int64_t{1} << 20;
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define MOE_ATTN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -461,7 +464,7 @@ void cpu_attn_fwd(const AttnFwdArgs& a, const ExecCtx&) {
     const Plan p(a);
     constexpr auto task_fn = fwd_task_fn<T>();
     // Tasks differ in cost (causal), hence the dynamic schedule; each writes only its own rows.
-#pragma omp parallel if (tasks > 1)
+#pragma omp parallel if (tasks > 1 && a.B * a.nq * a.Sq * a.Sk * a.hd > kParallelWork)
     {
       FwdWork<A> w(a.hd);
 #pragma omp for schedule(dynamic, 1)
@@ -478,7 +481,7 @@ void cpu_attn_bwd(const AttnBwdArgs& a, const ExecCtx&) {
     if (tasks == 0) return;
     const Plan p(a);
     constexpr auto task_fn = bwd_task_fn<T>();
-#pragma omp parallel if (tasks > 1)
+#pragma omp parallel if (tasks > 1 && a.B * a.nq * a.Sq * a.Sk * a.hd > kParallelWork)
     {
       BwdWork<A> w(p.r, a.Sq, a.hd);
 #pragma omp for schedule(dynamic, 1)

@@ -212,4 +212,21 @@ ParallelSizes parallel_sizes_from_config(const MoEConfig& config, int64_t world)
   return s;
 }
 
+std::string format_rank_line(const RankLayout& layout, int rank) {
+  std::string out = "rank " + std::to_string(rank) + ":";
+  const std::pair<const char*, GroupKind> kinds[] = {{"tp", GroupKind::tp}, {"cp", GroupKind::cp}, {"dp", GroupKind::dp},
+                                                     {"pp", GroupKind::pp}, {"ep", GroupKind::ep}, {"etp", GroupKind::etp},
+                                                     {"edp", GroupKind::edp}};
+  for (const auto& [name, kind] : kinds) {
+    out += std::string(" ") + name + " [";
+    const std::vector<int>& g = layout.group_of(kind, rank);
+    for (size_t i = 0; i < g.size(); ++i) {
+      if (i) out += ',';
+      out += std::to_string(g[i]);
+    }
+    out += "]";
+  }
+  return out;
+}
+
 }  // namespace moe

@@ -162,10 +162,10 @@ std::array<std::pair<int64_t, int64_t>, 3> split_document_ranges(const std::stri
 //    [j·seq_length, j·seq_length + seq_length + 1): samples span documents and consecutive ones
 //    overlap by one token (the last input token is the next sample's first). There are
 //    (E·T − 1) / seq_length of them (size() may exceed num_samples);
-//  - shuffle index: sample(i) is sample shuffle_index()[i]. As Megatron, when the final epoch
-//    contributes fewer than 80% of an epoch's samples, samples of the earlier epochs and those
-//    starting in the final epoch are shuffled separately (earlier ones first), so the first
-//    num_samples samples cover whole epochs before a partial one.
+//  - shuffle index: sample(i) is sample shuffle_index()[i]. As Megatron, when the samples needed
+//    from the final epoch are fewer than 80% of an epoch's, the samples that lie within the earlier
+//    epochs (the first ((E−1)·T − 1) / seq_length) are shuffled among themselves and placed first,
+//    the rest shuffled after them, so the first num_samples samples cover whole epochs first.
 // Differences from Megatron: the RNG is std::mt19937_64 seeded with `seed` and our own unbiased
 // Fisher–Yates (not numpy's RandomState), so orders are deterministic and portable but not
 // bit-compatible with Megatron's; documents are shuffled within each epoch (Megatron shuffles the

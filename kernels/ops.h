@@ -309,6 +309,18 @@ struct AdamArgs {
   double lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0;
   int64_t step = 1;
 };
+// SGD with momentum on f32 master parameters, PyTorch's torch.optim.SGD order (dampening 0, not
+// Nesterov; weight decay coupled, i.e. added to the gradient):
+//   d = g + wd · p (f32);  buf = momentum · buf + d (f32; buf starts at 0, so the first step gives
+//   buf = d as PyTorch's clone does);  p −= lr · buf (in f64, rounded once to f32).
+// momentum_buf may be null when momentum is 0 (then p −= lr · d).
+struct SgdArgs {
+  int64_t n = 0;
+  float* param = nullptr;         // (n)
+  const float* grad = nullptr;    // (n)
+  float* momentum_buf = nullptr;  // (n) or null
+  double lr = 1e-2, momentum = 0.0, weight_decay = 0.0;
+};
 
 // ---------------------------------------------------------------------------------------------
 // The transformer around the MoE layer (docs/model.md). "stat" below is the statistics dtype:
@@ -476,6 +488,7 @@ struct KernelTable {
   void (*jitter)(const JitterArgs&, const ExecCtx&) = nullptr;
   void (*mse)(const MseArgs&, const ExecCtx&) = nullptr;
   void (*adam)(const AdamArgs&, const ExecCtx&) = nullptr;
+  void (*sgd)(const SgdArgs&, const ExecCtx&) = nullptr;
   void (*norm_fwd)(const NormFwdArgs&, const ExecCtx&) = nullptr;
   void (*norm_bwd)(const NormBwdArgs&, const ExecCtx&) = nullptr;
   void (*rope)(const RopeArgs&, const ExecCtx&) = nullptr;

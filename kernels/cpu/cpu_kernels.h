@@ -40,6 +40,8 @@ void cpu_row_dot(const RowDotArgs&, const ExecCtx&);
 void cpu_jitter(const JitterArgs&, const ExecCtx&);
 void cpu_mse(const MseArgs&, const ExecCtx&);
 void cpu_adam(const AdamArgs&, const ExecCtx&);
+// optim.cpp
+void cpu_sgd(const SgdArgs&, const ExecCtx&);
 // model_ops.cpp (norm, rope, embedding, cross entropy, qkv split)
 void cpu_norm_fwd(const NormFwdArgs&, const ExecCtx&);
 void cpu_norm_bwd(const NormBwdArgs&, const ExecCtx&);

@@ -31,6 +31,7 @@ const KernelTable& cpu_kernel_table() {
     t.jitter = cpu_jitter;
     t.mse = cpu_mse;
     t.adam = cpu_adam;
+    t.sgd = cpu_sgd;
     t.norm_fwd = cpu_norm_fwd;
     t.norm_bwd = cpu_norm_bwd;
     t.rope = cpu_rope;

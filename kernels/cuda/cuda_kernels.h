@@ -38,6 +38,7 @@ void cuda_row_dot(const RowDotArgs&, const ExecCtx&);
 void cuda_jitter(const JitterArgs&, const ExecCtx&);
 void cuda_mse(const MseArgs&, const ExecCtx&);
 void cuda_adam(const AdamArgs&, const ExecCtx&);
+void cuda_sgd(const SgdArgs&, const ExecCtx&);
 // model_ops.cu (norm, rope, embedding, cross entropy, qkv split)
 void cuda_norm_fwd(const NormFwdArgs&, const ExecCtx&);
 void cuda_norm_bwd(const NormBwdArgs&, const ExecCtx&);

@@ -1,4 +1,4 @@
-// Elementwise helpers, casts, row scaling, jitter, MSE and Adam on CUDA. Grid-stride loops with
+// Elementwise helpers, casts, row scaling, jitter, MSE, Adam and SGD on CUDA. Grid-stride loops with
 // 64-bit indices. Where the CPU reference computes a·b + c as two roundings, the kernels use
 // explicit round-to-nearest multiplies and adds (mul_rn / add_rn), so axpby, scale_rows, jitter, the
 // MSE gradient and Adam give the CPU's bits. Sums (row_dot, the MSE value) use fixed reduction trees:
@@ -134,6 +134,20 @@ __global__ void adam_kernel(float* __restrict__ param, const float* __restrict__
     const double p = param[i];
     const double upd = __dadd_rn(__ddiv_rn(mhat, __dadd_rn(__dsqrt_rn(vhat), eps)), __dmul_rn(wd, p));
     param[i] = static_cast<float>(__dsub_rn(p, __dmul_rn(lr, upd)));
+  }
+}
+
+// SGD with momentum in the CPU's operation order: d and the buffer in f32, the update in f64.
+__global__ void sgd_kernel(float* __restrict__ param, const float* __restrict__ grad, float* __restrict__ buf,
+                           int64_t n, bool decay, float wd, float mom, double lr) {
+  MOE_GRID_STRIDE(i, n) {
+    float d = grad[i];
+    if (decay) d = __fadd_rn(d, __fmul_rn(wd, param[i]));
+    if (buf) {
+      d = __fadd_rn(__fmul_rn(mom, buf[i]), d);
+      buf[i] = d;
+    }
+    param[i] = static_cast<float>(__dsub_rn(static_cast<double>(param[i]), __dmul_rn(lr, static_cast<double>(d))));
   }
 }
 
@@ -284,6 +298,15 @@ void cuda_adam(const AdamArgs& a, const ExecCtx& ctx) {
   adam_kernel<<<grid_for(a.n, kThreads), kThreads, 0, stream_of(ctx)>>>(
       a.param, a.grad, a.m, a.v, a.n, b1, 1.0f - b1, b2, 1.0f - b2, bc1, bc2, a.lr, a.eps, a.weight_decay);
   MOE_CUDA_CHECK_LAUNCH("adam_kernel");
+}
+
+void cuda_sgd(const SgdArgs& a, const ExecCtx& ctx) {
+  DeviceGuard g(ctx);
+  if (a.n == 0) return;
+  sgd_kernel<<<grid_for(a.n, kThreads), kThreads, 0, stream_of(ctx)>>>(
+      a.param, a.grad, a.momentum_buf, a.n, a.weight_decay != 0.0, static_cast<float>(a.weight_decay),
+      static_cast<float>(a.momentum), a.lr);
+  MOE_CUDA_CHECK_LAUNCH("sgd_kernel");
 }
 
 }  // namespace moe

@@ -697,4 +697,26 @@ void adam(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, double lr, do
   need(table(param.device()).adam, param.device(), "adam")(a, exec_ctx(param.device()));
 }
 
+void sgd(Tensor& param, const Tensor& grad, Tensor* momentum_buf, double lr, double momentum, double weight_decay) {
+  param.check_dtype(DType::f32, "sgd: param");
+  grad.check_dtype(DType::f32, "sgd: grad");
+  MOE_CHECK(grad.numel() == param.numel(), "sgd: grad: expected ", param.numel(), " elements, got ", grad.desc());
+  MOE_CHECK(momentum == 0.0 || momentum_buf != nullptr, "sgd: momentum ", momentum, " needs a momentum buffer");
+  if (momentum_buf) {
+    momentum_buf->check_dtype(DType::f32, "sgd: momentum_buf");
+    MOE_CHECK(momentum_buf->numel() == param.numel(), "sgd: momentum_buf: expected ", param.numel(),
+              " elements, got ", momentum_buf->desc());
+  }
+  same_device("sgd", param, {&grad, momentum_buf});
+  SgdArgs a;
+  a.n = param.numel();
+  a.param = param.data_as<float>();
+  a.grad = grad.data_as<float>();
+  a.momentum_buf = momentum_buf ? momentum_buf->data_as<float>() : nullptr;
+  a.lr = lr;
+  a.momentum = momentum;
+  a.weight_decay = weight_decay;
+  need(table(param.device()).sgd, param.device(), "sgd")(a, exec_ctx(param.device()));
+}
+
 }  // namespace moe::ops

@@ -73,6 +73,8 @@ void jitter(uint64_t key, double eps, Tensor& out);
 double mse(const Tensor& y, const Tensor& target, Tensor* dy, double scale);  // Σ(y−t)², synchronises
 void adam(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, double lr, double beta1, double beta2,
           double eps, double weight_decay, int64_t step);
+// SgdArgs: f32 param, grad and (when momentum != 0) momentum_buf of one element count.
+void sgd(Tensor& param, const Tensor& grad, Tensor* momentum_buf, double lr, double momentum, double weight_decay);
 
 // ---- the transformer around the MoE layer (kernels/ops.h has each op's exact contract) ----------
 // The statistics dtype next to `dtype`: f64 with f64, else f32 (norm stats, lse, cross-entropy rows).

@@ -695,6 +695,28 @@ TEST(CudaOps, MseAndAdam) {
     }
 }
 
+TEST(CudaOps, Sgd) {
+  uint64_t seed = 1300;
+  for (int64_t n : {int64_t{0}, int64_t{3}, int64_t{100000}})
+    for (double momentum : {0.0, 0.9})
+      for (double wd : {0.0, 0.1}) {
+        SCOPED_TRACE("sgd n=" + std::to_string(n) + " momentum=" + std::to_string(momentum) +
+                     " wd=" + std::to_string(wd));
+        Tensor p0 = test::randn({n}, DType::f32, ++seed), g0 = test::randn({n}, DType::f32, ++seed);
+        auto run = [&](Device d) {
+          Tensor p = put(p0, d), buf = Tensor::zeros({n}, DType::f32, d);
+          for (int step = 1; step <= 3; ++step)
+            ops::sgd(p, put(g0, d), momentum != 0.0 ? &buf : nullptr, 1e-2, momentum, wd);
+          return std::vector<Tensor>{p, buf};
+        };
+        auto g = run(gpu());
+        auto r = run(Device::cpu());
+        // The same IEEE operations in the same order (explicit round-to-nearest on the GPU); the
+        // tolerance only covers a host compiler that contracts multiply-adds.
+        for (size_t i = 0; i < 2; ++i) EXPECT_TRUE(close(g[i], r[i], Tol{1e-7, 1e-6})) << "output " << i;
+      }
+}
+
 // Reductions repeat bit for bit on the GPU (fixed partial sums, fixed final order).
 TEST(CudaOps, ReductionsAreDeterministic) {
   const int64_t T = 4096, E = 64;

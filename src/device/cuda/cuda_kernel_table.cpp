@@ -33,6 +33,7 @@ const KernelTable& cuda_kernel_table() {
     t.jitter = cuda_jitter;
     t.mse = cuda_mse;
     t.adam = cuda_adam;
+    t.sgd = cuda_sgd;
     t.norm_fwd = cuda_norm_fwd;
     t.norm_bwd = cuda_norm_bwd;
     t.rope = cuda_rope;

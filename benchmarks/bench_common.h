@@ -234,3 +234,141 @@ inline double layer_reference_gflops(const MoEConfig& c, int64_t T, int reps = 3
 }
 
 }  // namespace moe::bench
+
+// ==== The MoE GPT model (moe_gpt_bench, docs/performance.md "The model") ==========================
+#include <fstream>
+
+namespace moe::bench {
+
+// ---- model configs --------------------------------------------------------------------------------
+// The model configs of the CPU comparison: fp32, swiglu, aux loss 1e-2, RMSNorm, rope, untied
+// output layer; the micro-batch (b sequences of seq_length) travels separately. The PyTorch peer
+// (benchmarks/peers/torch_moe_gpt.py) and compare_cpu.sh spell the same values as flags.
+struct NamedModel {
+  std::string name;
+  MoEConfig cfg;
+  int64_t micro_batch = 1;
+};
+
+inline MoEConfig base_model_config() {
+  MoEConfig c = base_config();
+  c.normalization = "RMSNorm";
+  c.position_embedding_type = "rope";
+  c.untie_embeddings_and_output_weights = true;
+  return c;
+}
+
+inline std::vector<NamedModel> named_models() {
+  std::vector<NamedModel> v;
+  {  // Mixtral-like: GQA 8 heads / 2 query groups (hd 128), 8 experts top-2, every layer MoE.
+    MoEConfig c = base_model_config();
+    c.num_layers = 2, c.hidden_size = 1024, c.num_attention_heads = 8, c.num_query_groups = 2;
+    c.ffn_hidden_size = 2816, c.moe_ffn_hidden_size = 2816, c.num_moe_experts = 8, c.moe_router_topk = 2;
+    c.vocab_size = 16384, c.seq_length = 1024, c.rotary_base = 1e6;
+    v.push_back({"mixtral-cpu", c, 1});
+  }
+  {  // DeepSeek-like: a dense first layer, then fine-grained MoE layers (64 experts top-6, sigmoid
+     // router with expert bias, 8 groups / top-3 groups, a shared expert); 16 heads of 64, q/k norm.
+    MoEConfig c = base_model_config();
+    c.num_layers = 3, c.moe_layer_freq = {0, 1, 1}, c.hidden_size = 1024, c.num_attention_heads = 16;
+    c.kv_channels = 64, c.qk_layernorm = true, c.ffn_hidden_size = 2816;
+    c.moe_ffn_hidden_size = 512, c.num_moe_experts = 64, c.moe_router_topk = 6;
+    c.moe_router_score_function = "sigmoid", c.moe_router_enable_expert_bias = true;
+    c.moe_router_num_groups = 8, c.moe_router_group_topk = 3, c.moe_shared_expert_intermediate_size = 1024;
+    c.vocab_size = 16384, c.seq_length = 512;
+    v.push_back({"deepseek-cpu", c, 2});
+  }
+  return v;
+}
+
+inline const NamedModel* find_model(const std::string& name) {
+  static const std::vector<NamedModel> all = named_models();
+  for (const NamedModel& n : all)
+    if (n.name == name) return &n;
+  return nullptr;
+}
+
+// ---- model FLOPs, Megatron's way ------------------------------------------------------------------
+// FLOPs of one forward + backward of the model on b sequences, counted as Megatron-LM's
+// num_floating_point_operations counts them (megatron/training/training.py, transformer_flops();
+// followed here at NVIDIA/Megatron-LM main, commit d98e8a64, 2026-08-22, megatron-core 0.20.0 —
+// the same terms as in core_r0.12): every GEMM 3× (forward, dgrad, wgrad), 2 FLOPs per FMA,
+//   per token:  6·H·[F_dense·f·L_dense + (k·F_moe·f + F_shared·f)·L_moe]      f = 3 swiglu, else 2
+//             + 6·[H·(q + 2·kv) + q·H]·L                                      q = nh·hd, kv = ng·hd
+//             + 6·H·V                                                         the logits
+//   per sequence: S²·6·q·L  (QKᵀ and PV, "/2 causal mask · 2 GEMMs", i.e. half of the S×S scores)
+// Not counted, as in Megatron: the router GEMM (T·H·E), norms, rope, softmax, the cross entropy.
+struct ModelFlops {
+  double mlp = 0, attn_linear = 0, attn_core = 0, logits = 0;
+  double total() const { return mlp + attn_linear + attn_core + logits; }
+};
+inline ModelFlops model_flops(const MoEConfig& config, int64_t micro_batch) {
+  const MoEConfig c = resolve_model_config(config);
+  const double H = static_cast<double>(c.hidden_size), S = static_cast<double>(c.seq_length);
+  const double b = static_cast<double>(micro_batch), T = b * S, L = static_cast<double>(c.num_layers);
+  const double hd = static_cast<double>(c.head_dim());
+  const double q = hd * static_cast<double>(c.num_attention_heads), kv = hd * static_cast<double>(c.query_groups());
+  double moe_layers = 0;
+  for (int64_t i = 0; i < c.num_layers; ++i) moe_layers += c.is_moe_layer(i) ? 1 : 0;
+  const double dense_layers = L - moe_layers;
+  const double f = c.gated_linear_unit ? 3.0 : 2.0;
+  const double Fd = static_cast<double>(c.dense_ffn()), Fm = static_cast<double>(c.moe_ffn_hidden_size);
+  const double Fs = static_cast<double>(c.moe_shared_expert_intermediate_size.value_or(0));
+  const double k = static_cast<double>(c.moe_router_topk);
+  ModelFlops r;
+  r.mlp = T * 6.0 * H * (Fd * f * dense_layers + (k * Fm * f + Fs * f) * moe_layers);
+  r.attn_linear = T * 6.0 * (H * (q + 2.0 * kv) + q * H) * L;
+  r.attn_core = b * S * S * 6.0 * q * L;
+  r.logits = T * 6.0 * H * static_cast<double>(c.vocab_size);
+  return r;
+}
+
+// ---- memory high-water mark ------------------------------------------------------------------------
+// Resets the kernel's resident-set high-water mark (/proc/self/clear_refs); false where not allowed.
+inline bool reset_rss_high_water() {
+  std::ofstream f("/proc/self/clear_refs");
+  if (!f) return false;
+  f << "5";
+  f.flush();
+  return static_cast<bool>(f);
+}
+
+// VmHWM in bytes (the resident-set high-water mark), or ru_maxrss where /proc is unavailable.
+inline int64_t rss_high_water_bytes() {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::stoll(line.substr(6)) * 1024;
+  return max_rss_bytes();
+}
+
+inline std::string format_bytes(double b) {
+  char buf[64];
+  if (b >= 1 << 30) std::snprintf(buf, sizeof buf, "%.2f GiB", b / (1 << 30));
+  else if (b >= 1 << 20) std::snprintf(buf, sizeof buf, "%.1f MiB", b / (1 << 20));
+  else std::snprintf(buf, sizeof buf, "%.1f KiB", b / 1024);
+  return buf;
+}
+
+// The CPU's model name (/proc/cpuinfo), "?" where unknown.
+inline std::string cpu_model_name() {
+  std::ifstream f("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.rfind("model name", 0) == 0) {
+      const size_t colon = line.find(':');
+      if (colon != std::string::npos) return line.substr(line.find_first_not_of(" \t", colon + 1));
+    }
+  return "?";
+}
+
+// Uniform random ids in [0, V) as a (rows, cols) i64 tensor (seeded).
+inline Tensor random_ids(int64_t rows, int64_t cols, int64_t V, uint64_t seed) {
+  std::mt19937_64 gen(seed);
+  std::uniform_int_distribution<int64_t> d(0, V - 1);
+  std::vector<int64_t> v(static_cast<size_t>(rows * cols));
+  for (int64_t& x : v) x = d(gen);
+  return Tensor::from_vector(v, {rows, cols});
+}
+
+}  // namespace moe::bench

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# compare_cpu.sh — libmoecore's MoE layer against the PyTorch peer on the CPU, in one run.
+# compare_cpu.sh — libmoecore's MoE layer and MoE GPT model against the PyTorch peers on the CPU, in
+# one run.
 #
 #   benchmarks/compare_cpu.sh [--threads 2] [--repeats 5] [--iters 3] [--warmup 1]
-#                             [--configs "mixtral-cpu deepseek-cpu small"] [--build-dir DIR]
-#                             [--peer-omp-wait passive|default] [--max-load 1.0]
+#                             [--configs "mixtral-cpu deepseek-cpu small gpt-mixtral-cpu gpt-deepseek-cpu"]
+#                             [--build-dir DIR] [--peer-omp-wait passive|default] [--max-load 1.0]
 #
-# Builds moe_layer_bench in Release (CPU only) into --build-dir (default build-bench), then for each
-# repeat and each config runs our layer and the peer (benchmarks/peers/torch_moe_layer.py on
-# /usr/bin/python3) one after the other, with the same Megatron-named flags and thread count, so
-# both see the same machine conditions. Each run times --iters forward+backward steps after
+# Builds moe_layer_bench and moe_gpt_bench in Release (CPU only) into --build-dir (default
+# build-bench), then for each repeat and each config runs ours and the peer one after the other,
+# with the same Megatron-named flags and thread count, so both see the same machine conditions:
+# the layer configs (mixtral-cpu, deepseek-cpu, small) run moe_layer_bench against
+# benchmarks/peers/torch_moe_layer.py, the model configs (gpt-*: the whole MoE GPT model, embedding
+# to loss) moe_gpt_bench against benchmarks/peers/torch_moe_gpt.py, peers on /usr/bin/python3. Each run times --iters forward+backward steps after
 # --warmup steps (median step); the table takes the median over the repeats. Our binary also
 # measures the dense-SGEMM reference (OpenBLAS on its own threads, at the shape M = T·k, N = F1 + F,
 # K = H) in every run. The per-run outputs are kept in the build dir (compare_cpu/).
@@ -23,8 +26,10 @@
 # OpenMP pool is the only one it has).
 #
 # Columns: tokens/s of each side and their ratio; our GFLOP/s (the layer's GEMM FLOPs per second,
-# counted as in benchmarks/bench_common.h); the SGEMM reference and our efficiency (= ours ÷ SGEMM);
-# the peer's efficiency likewise; peak memory: the growth of the resident set's high-water mark
+# counted as in benchmarks/bench_common.h; for gpt-* the model's FLOPs as Megatron-LM's
+# num_floating_point_operations counts them, bench::model_flops); the SGEMM reference (for gpt-*
+# the same SGEMM at the shape of the model's MoE layers) and our efficiency (= ours ÷ SGEMM); the
+# peer's efficiency likewise; peak memory: the growth of the resident set's high-water mark
 # over the run (VmHWM after a reset, both sides, same method) and our allocator's peak above what was
 # held before the first step.
 set -euo pipefail
@@ -34,7 +39,7 @@ THREADS=2
 REPEATS=5
 ITERS=3
 WARMUP=1
-CONFIGS="mixtral-cpu deepseek-cpu small"
+CONFIGS="mixtral-cpu deepseek-cpu small gpt-mixtral-cpu gpt-deepseek-cpu"
 PEER_WAIT=passive
 MAX_LOAD=1.0
 BUILD="$ROOT/build-bench"
@@ -49,7 +54,7 @@ while [[ $# -gt 0 ]]; do
     --build-dir) BUILD=$(realpath -m "$2"); shift 2 ;;
     --peer-omp-wait) PEER_WAIT=$2; shift 2 ;;
     --max-load) MAX_LOAD=$2; shift 2 ;;
-    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/{/^set -euo/d;p}' "$0"; exit 0 ;;
     *) echo "compare_cpu.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -60,11 +65,14 @@ flags_of() {  # the config's flags, Megatron's names, given to both sides
     mixtral-cpu) echo "--hidden-size 1024 --moe-ffn-hidden-size 2816 --num-moe-experts 8 --moe-router-topk 2 --num-tokens 2048 $common" ;;
     deepseek-cpu) echo "--hidden-size 1024 --moe-ffn-hidden-size 512 --num-moe-experts 64 --moe-router-topk 6 --moe-router-score-function sigmoid --moe-router-enable-expert-bias --moe-router-num-groups 8 --moe-router-group-topk 3 --moe-shared-expert-intermediate-size 1024 --num-tokens 2048 $common" ;;
     small) echo "--hidden-size 256 --moe-ffn-hidden-size 512 --num-moe-experts 16 --moe-router-topk 2 --num-tokens 4096 $common" ;;
+    # The model configs (moe_gpt_bench's presets spelled out; every key that differs between them given).
+    gpt-mixtral-cpu) echo "--num-layers 2 --moe-layer-freq 1 --hidden-size 1024 --num-attention-heads 8 --group-query-attention --num-query-groups 2 --kv-channels 128 --qk-layernorm false --ffn-hidden-size 2816 --moe-ffn-hidden-size 2816 --num-moe-experts 8 --moe-router-topk 2 --moe-router-score-function softmax --vocab-size 16384 --seq-length 1024 --micro-batch-size 1 --normalization RMSNorm --position-embedding-type rope --rotary-base 1000000 --untie-embeddings-and-output-weights --disable-bias-linear $common" ;;
+    gpt-deepseek-cpu) echo "--num-layers 3 --moe-layer-freq 0,1,1 --hidden-size 1024 --num-attention-heads 16 --num-query-groups 16 --kv-channels 64 --qk-layernorm --ffn-hidden-size 2816 --moe-ffn-hidden-size 512 --num-moe-experts 64 --moe-router-topk 6 --moe-router-score-function sigmoid --moe-router-enable-expert-bias --moe-router-num-groups 8 --moe-router-group-topk 3 --moe-shared-expert-intermediate-size 1024 --vocab-size 16384 --seq-length 512 --micro-batch-size 2 --normalization RMSNorm --position-embedding-type rope --rotary-base 10000 --untie-embeddings-and-output-weights --disable-bias-linear $common" ;;
     *) echo "compare_cpu.sh: unknown config $1" >&2; exit 2 ;;
   esac
 }
 
-echo "== building moe_layer_bench (Release, CPU) in $BUILD"
+echo "== building moe_layer_bench and moe_gpt_bench (Release, CPU) in $BUILD"
 mkdir -p "$BUILD"
 # A new build dir gets a benchmark-only configuration; an existing one keeps its options (so a
 # developer's build dir with tests stays one), but is built in Release.
@@ -73,10 +81,10 @@ FRESH=()
 cmake -S "$ROOT" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DMOE_BUILD_BENCHMARKS=ON "${FRESH[@]}" \
   > "$BUILD/compare_configure.log" 2>&1 ||
   { cat "$BUILD/compare_configure.log"; exit 1; }
-cmake --build "$BUILD" -j "$(nproc)" --target moe_layer_bench > "$BUILD/compare_build.log" 2>&1 ||
+cmake --build "$BUILD" -j "$(nproc)" --target moe_layer_bench moe_gpt_bench > "$BUILD/compare_build.log" 2>&1 ||
   { tail -40 "$BUILD/compare_build.log"; exit 1; }
-BENCH="$BUILD/benchmarks/moe_layer_bench"
-PEER="$ROOT/benchmarks/peers/torch_moe_layer.py"
+bench_of() { [[ $1 == gpt-* ]] && echo "$BUILD/benchmarks/moe_gpt_bench" || echo "$BUILD/benchmarks/moe_layer_bench"; }
+peer_of() { [[ $1 == gpt-* ]] && echo "$ROOT/benchmarks/peers/torch_moe_gpt.py" || echo "$ROOT/benchmarks/peers/torch_moe_layer.py"; }
 OUT="$BUILD/compare_cpu"
 rm -rf "$OUT" && mkdir -p "$OUT"
 
@@ -113,11 +121,11 @@ for ((r = 1; r <= REPEATS; r++)); do
   for cfg in $CONFIGS; do
     f=$(flags_of "$cfg")
     # shellcheck disable=SC2086
-    "$BENCH" $f --iters "$ITERS" --warmup "$WARMUP" --threads "$THREADS" --sgemm-reps 3 > "$OUT/ours.$cfg.$r.txt"
+    "$(bench_of "$cfg")" $f --iters "$ITERS" --warmup "$WARMUP" --threads "$THREADS" --sgemm-reps 3 > "$OUT/ours.$cfg.$r.txt"
     echo "  [$r/$REPEATS] $cfg ours: $(tail -1 "$OUT/ours.$cfg.$r.txt")"
     if [[ $PEER_OK == 1 ]]; then
       # shellcheck disable=SC2086
-      env "${PEER_ENV[@]}" "$PYTHON" "$PEER" $f --iters "$ITERS" --warmup "$WARMUP" --threads "$THREADS" \
+      env "${PEER_ENV[@]}" "$PYTHON" "$(peer_of "$cfg")" $f --iters "$ITERS" --warmup "$WARMUP" --threads "$THREADS" \
         > "$OUT/peer.$cfg.$r.txt"
       echo "  [$r/$REPEATS] $cfg peer: $(tail -1 "$OUT/peer.$cfg.$r.txt")"
     fi

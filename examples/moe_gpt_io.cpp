@@ -5,18 +5,22 @@
 //   mpirun -np 8 moe_gpt_io --config CFG.json --in IN.safetensors --out OUT.safetensors
 //
 // CFG: Megatron-named model and MoE keys (docs/model.md), the parallel sizes
-// (tensor_model_parallel_size, context_parallel_size, expert_model_parallel_size,
-// expert_tensor_parallel_size, moe_token_dispatcher_type; DP = world / (TP·CP·PP)) and
-// num_microbatches M. Any key may be overridden by a flag (--num-microbatches 2).
+// (tensor_model_parallel_size, context_parallel_size, pipeline_model_parallel_size with optional
+// decoder_first/last_pipeline_num_layers, expert_model_parallel_size, expert_tensor_parallel_size,
+// moe_token_dispatcher_type; DP = world / (TP·CP·PP)) and num_microbatches M (M >= PP). Any key may
+// be overridden by a flag (--num-microbatches 2).
 // IN: tokens (B, S) i64, labels (B, S) i64, optional loss_mask (B, S) f32, and every parameter under
 // its full canonical name (router.expert_bias optional). Replica r takes sequences
-// [r·B/DP, (r+1)·B/DP), split into M contiguous micro-batches.
+// [r·B/DP, (r+1)·B/DP), split into M contiguous micro-batches, run by the pipeline schedule
+// (1F1B with PP > 1).
 // OUT (rank 0 writes it, unsharded): loss (1) f64 = the mean over replicas and micro-batches of the
-// micro-batch lm loss; logits (B, S, V) f32; grad.<name> f32 for every trainable parameter = the
-// gradient of J = 1/(DP·M) Σ [lm + Σ_MoE layers (aux + z)] (the same in every layout);
-// tokens_per_expert.<i> (E) i64 for each MoE layer i, summed over the batch.
+// micro-batch lm loss; logits (B, S, V) f32 (from the last pipeline stage); grad.<name> f32 for
+// every trainable parameter = the gradient of J = 1/(DP·M) Σ [lm + Σ_MoE layers (aux + z)] (the same
+// in every layout; a tied word embedding's is the first stage's copy after the embedding-group
+// sum); tokens_per_expert.<i> (E) i64 for each MoE layer i, summed over the batch.
 // Any bad input exits non-zero with a message; nothing is written on failure.
 #include <cstdio>
+#include <map>
 #include <set>
 #include <string>
 #include <vector>
@@ -32,13 +36,90 @@ using namespace moe;
 
 namespace {
 
-Tensor to_f32_host(const Tensor& t) {
-  Tensor h = t.device().is_cpu() ? t : t.to(Device::cpu());
-  return h.dtype() == DType::f32 ? h : h.to_dtype(DType::f32);
-}
-
 // Rows [begin, begin + count) of a (B, S) host tensor, as a fresh (count, S) tensor.
 Tensor rows_of(const Tensor& t, int64_t begin, int64_t count) { return t.narrow(begin, count).clone(); }
+
+// Every rank's parameters (a pipeline stage holds only its own), as canonical name → shape, in the
+// order of the ranks (stage 0's first) and of each rank's parameters(). Collective over the world.
+std::vector<std::pair<std::string, Shape>> model_parameters_everywhere(const std::vector<const Parameter*>& mine,
+                                                                       Communicator& world) {
+  std::string text;
+  for (const Parameter* p : mine) {
+    text += p->name + "|";
+    for (int64_t d : p->canonical_shape) text += std::to_string(d) + ",";
+    text += "\n";
+  }
+  const int n = world.size();
+  Tensor len = Tensor::from_vector(std::vector<int64_t>{static_cast<int64_t>(text.size())}, {1});
+  Tensor lens = Tensor::empty({n}, DType::i64);
+  world.all_gather(len, lens);
+  std::vector<int64_t> rows = lens.to_vector<int64_t>();
+  int64_t total = 0;
+  for (int64_t r : rows) total += r;
+  std::vector<uint8_t> bytes(text.begin(), text.end());
+  Tensor all = Tensor::empty({total}, DType::u8);
+  world.all_gather_v(Tensor::from_vector(bytes, {static_cast<int64_t>(bytes.size())}), all, rows);
+  const std::vector<uint8_t> got = all.to_vector<uint8_t>();
+  std::vector<std::pair<std::string, Shape>> out;
+  std::set<std::string> seen;
+  std::string line;
+  for (uint8_t ch : got) {
+    if (ch != '\n') {
+      line.push_back(static_cast<char>(ch));
+      continue;
+    }
+    const size_t bar = line.find('|');
+    std::string name = line.substr(0, bar);
+    Shape shape;
+    for (size_t pos = bar + 1; pos < line.size();) {
+      size_t comma = line.find(',', pos);
+      shape.push_back(std::stoll(line.substr(pos, comma - pos)));
+      pos = comma + 1;
+    }
+    if (seen.insert(name).second) out.emplace_back(name, shape);
+    line.clear();
+  }
+  return out;
+}
+
+// The canonical (unsharded) f32 tensor of a parameter's gradient from the ranks that hold a shard
+// (`p` null on the others: another pipeline stage). Replicas hold equal values; the lowest world
+// rank's wins (the first stage's copy of a tied word embedding). Collective over the world.
+Tensor gather_gradient(const std::string& name, const Shape& shape, const Parameter* p, Communicator& world) {
+  std::vector<double> vals;
+  std::vector<int64_t> idx;
+  if (p) {
+    Tensor g = p->grad.device().is_cpu() ? p->grad : p->grad.to(Device::cpu());
+    vals = (g.dtype() == DType::f64 ? g : g.to_dtype(DType::f64)).to_vector<double>();
+    idx = shard_canonical_indices(p->canonical_shape, p->shard);
+  }
+  const int n = world.size();
+  Tensor count = Tensor::from_vector(std::vector<int64_t>{static_cast<int64_t>(vals.size())}, {1});
+  Tensor counts = Tensor::empty({n}, DType::i64);
+  world.all_gather(count, counts);
+  std::vector<int64_t> rows = counts.to_vector<int64_t>();
+  int64_t total = 0;
+  for (int64_t r : rows) total += r;
+  Tensor all_vals = Tensor::empty({total}, DType::f64), all_idx = Tensor::empty({total}, DType::i64);
+  world.all_gather_v(Tensor::from_vector(vals, {static_cast<int64_t>(vals.size())}), all_vals, rows);
+  world.all_gather_v(Tensor::from_vector(idx, {static_cast<int64_t>(idx.size())}), all_idx, rows);
+  const std::vector<double> v = all_vals.to_vector<double>();
+  const std::vector<int64_t> ix = all_idx.to_vector<int64_t>();
+  const int64_t numel = shape_numel(shape);
+  std::vector<float> out(static_cast<size_t>(numel), 0.0f);
+  std::vector<char> have(static_cast<size_t>(numel), 0);
+  for (int64_t i = 0; i < total; ++i) {
+    const size_t c = static_cast<size_t>(ix[static_cast<size_t>(i)]);
+    if (!have[c]) {
+      out[c] = static_cast<float>(v[static_cast<size_t>(i)]);
+      have[c] = 1;
+    }
+  }
+  for (char h : have)
+    MOE_CHECK_CODE(h, ErrorCode::internal, "moe_gpt_io: the ranks' shards of '", name, "' do not cover ",
+                   shape_str(shape));
+  return Tensor::from_vector(out, shape);
+}
 
 int run(int argc, char** argv) {
   examples::Args args(argc, argv);
@@ -67,6 +148,9 @@ int run(int argc, char** argv) {
     mask.check_dtype(DType::f32, (in_path + ": loss_mask").c_str());
   }
 
+  const int64_t PP = cfg.pipeline_model_parallel_size;
+  MOE_CHECK(M >= PP, cfg_path, ": num_microbatches = ", M, " is less than pipeline_model_parallel_size = ", PP,
+            " (the pipeline schedule needs at least one micro-batch per stage; use num_microbatches >= ", PP, ")");
   std::shared_ptr<ProcessGroups> groups = ProcessGroups::for_launch(cfg);
   std::shared_ptr<Communicator> world = groups->world_ptr();
   const int64_t DP = groups->dp_size();
@@ -74,33 +158,42 @@ int run(int argc, char** argv) {
             DP, " · num_microbatches ", M);
   MoEGPTModel model(cfg, default_device(), groups);
 
-  // Parameters: every trainable one must be in the file; the expert biases are optional.
-  examples::load_parameters(in, in_path, model.parameters(), {"tokens", "labels", "loss_mask"},
-                            "tokens, labels, loss_mask");
+  // Parameters: every trainable one of this rank's stage must be in the file; the expert biases are
+  // optional; the file may hold the other stages' parameters and nothing else.
+  const std::vector<Parameter*> params = model.parameters();
+  const std::vector<std::pair<std::string, Shape>> everywhere =
+      model_parameters_everywhere(std::vector<const Parameter*>(params.begin(), params.end()), *world);
+  std::set<std::string> known = {"tokens", "labels", "loss_mask"};
+  for (const auto& [name, shape] : everywhere) known.insert(name);
+  examples::load_parameters(in, in_path, model.parameters(), known, "tokens, labels, loss_mask");
 
-  // This replica's micro-batches, forward and backward.
+  // This replica's micro-batches, through the pipeline schedule.
   const int64_t b = B / (DP * M), first = groups->dp().rank() * (B / DP);
   const SequenceLayout& lay = model.layout();
   const int64_t V_local = V / lay.tp, S_cp = lay.s_cp();
+  std::vector<MicroBatch> batches;
+  for (int64_t mb = 0; mb < M; ++mb) {
+    const int64_t seq0 = first + mb * b;
+    batches.push_back(MicroBatch{rows_of(tokens, seq0, b), rows_of(labels, seq0, b),
+                                 mask.defined() ? rows_of(mask, seq0, b) : Tensor()});
+  }
   std::vector<float> logit_vals;
   std::vector<int64_t> logit_idx;
   std::vector<std::vector<int64_t>> counts(static_cast<size_t>(cfg.num_layers));
-  double loss_sum = 0.0;
-  for (int64_t mb = 0; mb < M; ++mb) {
+  ScheduleOptions opt;
+  opt.keep_logits = true;
+  opt.after_forward = [&](int64_t mb) {
     const int64_t seq0 = first + mb * b;
-    MicroBatch batch{rows_of(tokens, seq0, b), rows_of(labels, seq0, b), mask.defined() ? rows_of(mask, seq0, b) : Tensor()};
-    ForwardContext ctx;
-    ctx.microbatch = mb;
-    ctx.loss_scale = 1.0 / static_cast<double>(M);
-    loss_sum += model.forward(batch, ctx, /*keep_logits=*/true);
-    // logits (S_cp, b, V/TP) → their global flat indices in (B, S, V)
-    const std::vector<float> l = model.last_logits().to_vector<float>();
-    for (int64_t s = 0; s < S_cp; ++s)
-      for (int64_t bi = 0; bi < b; ++bi)
-        for (int64_t v = 0; v < V_local; ++v) {
-          logit_vals.push_back(l[static_cast<size_t>((s * b + bi) * V_local + v)]);
-          logit_idx.push_back(((seq0 + bi) * S + lay.cp_positions[s]) * V + lay.tp_rank * V_local + v);
-        }
+    if (model.is_last_stage()) {
+      // logits (S_cp, b, V/TP) → their global flat indices in (B, S, V)
+      const std::vector<float> l = model.last_logits().to_vector<float>();
+      for (int64_t s = 0; s < S_cp; ++s)
+        for (int64_t bi = 0; bi < b; ++bi)
+          for (int64_t v = 0; v < V_local; ++v) {
+            logit_vals.push_back(l[static_cast<size_t>((s * b + bi) * V_local + v)]);
+            logit_idx.push_back(((seq0 + bi) * S + lay.cp_positions[s]) * V + lay.tp_rank * V_local + v);
+          }
+    }
     for (int64_t i = 0; i < cfg.num_layers; ++i) {
       MoELayer* layer = model.moe_layer(i);
       if (!layer) continue;
@@ -109,13 +202,14 @@ int run(int argc, char** argv) {
       if (acc.empty()) acc.assign(c.size(), 0);
       for (size_t e = 0; e < c.size(); ++e) acc[e] += c[e];
     }
-    model.backward();
-  }
+  };
+  const ScheduleResult sched = run_schedule(model, batches, ForwardContext{}, opt);
+  model.finish_grads_pipeline();  // tied embeddings: the first and last stage's copies summed
   finalize_grads(model.parameters(), *groups);
 
   // Gather everything to canonical tensors (collective: every rank takes part).
   std::vector<std::pair<std::string, Tensor>> tensors;
-  Tensor loss = Tensor::from_vector(std::vector<double>{loss_sum / static_cast<double>(M)}, {1});
+  Tensor loss = Tensor::from_vector(std::vector<double>{sched.loss}, {1});
   groups->dp().all_reduce(loss);
   const double mean_loss = loss.to_vector<double>()[0] / static_cast<double>(DP);
   tensors.emplace_back("loss", Tensor::from_vector(std::vector<double>{mean_loss}, {1}));
@@ -137,21 +231,36 @@ int run(int argc, char** argv) {
     for (int64_t i = 0; i < total; ++i) full[static_cast<size_t>(ii[i])] = vv[i];
     tensors.emplace_back("logits", Tensor::from_vector(full, {B, S, V}));
   }
+  std::map<std::string, const Parameter*> local;
   for (Parameter* p : model.parameters())
-    if (p->trainable) tensors.emplace_back("grad." + p->name, to_f32_host(gather_parameter(*p, true, *world)));
+    if (p->trainable && p != model.shared_embedding_copy()) local[p->name] = p;
+  std::set<std::string> trainable;
+  {
+    // Which names are trainable anywhere: the stages agree through one more gather of names.
+    std::vector<const Parameter*> mine;
+    for (const auto& [name, p] : local) mine.push_back(p);
+    for (const auto& [name, shape] : model_parameters_everywhere(mine, *world)) trainable.insert(name);
+  }
+  for (const auto& [name, shape] : everywhere) {
+    if (!trainable.count(name)) continue;
+    auto it = local.find(name);
+    tensors.emplace_back("grad." + name, gather_gradient(name, shape, it == local.end() ? nullptr : it->second, *world));
+  }
   for (int64_t i = 0; i < cfg.num_layers; ++i) {
     if (!model.is_moe_layer(i)) continue;
-    const auto& c = counts[static_cast<size_t>(i)];
+    auto c = counts[static_cast<size_t>(i)];
+    if (c.empty()) c.assign(static_cast<size_t>(cfg.num_moe_experts), 0);  // a layer of another stage
     Tensor t = Tensor::from_vector(c, {static_cast<int64_t>(c.size())});
+    // Each layer's counts come from its stage; the other stages add zeros.
     world->all_reduce(t);
     tensors.emplace_back("tokens_per_expert." + std::to_string(i), t);
   }
   if (world->rank() != 0) return 0;
   save_safetensors(out_path, tensors, {{"producer", "libmoecore moe_gpt_io"},
                                        {"world_size", std::to_string(world->size())}});
-  std::printf("moe_gpt_io: wrote %zu tensors to %s (B=%lld, S=%lld, M=%lld, DP=%lld, loss=%.8g)\n", tensors.size(),
-              out_path.c_str(), static_cast<long long>(B), static_cast<long long>(S), static_cast<long long>(M),
-              static_cast<long long>(DP), mean_loss);
+  std::printf("moe_gpt_io: wrote %zu tensors to %s (B=%lld, S=%lld, M=%lld, DP=%lld, PP=%lld, loss=%.8g)\n",
+              tensors.size(), out_path.c_str(), static_cast<long long>(B), static_cast<long long>(S),
+              static_cast<long long>(M), static_cast<long long>(DP), static_cast<long long>(PP), mean_loss);
   return 0;
 }
 

@@ -10,12 +10,18 @@ PACKAGES=(
   libopenblas-dev
   libopenmpi-dev openmpi-bin
   libgtest-dev libgmock-dev libbenchmark-dev
+  fortunes  # the default training corpus (scripts/prepare_corpus.sh)
 )
+# --with-plots: matplotlib for scripts/plot_metrics.py (the main command draws the training curves).
 # --with-torch: also Debian's PyTorch for /usr/bin/python3 (the parity reference and the CPU peer
 # benchmark). The test command passes it so the parity suite runs rather than skips.
-if [ "${1:-}" = "--with-torch" ]; then
-  PACKAGES+=(python3-torch python3-numpy)
-fi
+for opt in "$@"; do
+  case "$opt" in
+    --with-plots) PACKAGES+=(python3-matplotlib) ;;
+    --with-torch) PACKAGES+=(python3-torch python3-numpy python3-matplotlib) ;;
+    *) echo "setup: unknown option '$opt' (expected --with-plots or --with-torch)" >&2; exit 2 ;;
+  esac
+done
 
 missing=()
 for p in "${PACKAGES[@]}"; do

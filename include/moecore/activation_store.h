@@ -4,15 +4,20 @@
 //   recompute  the tensor is dropped at save time and rebuilt by its regenerate function (which
 //              reads only kept slots or module state) the first time the backward asks for it;
 //   offload    the tensor is copied to pinned host memory at save time and its device copy dropped;
-//              get() (or an earlier prefetch()) copies it back.
+//              get() (or an earlier prefetch()) copies it back, asynchronously on the device's
+//              current stream; the pinned copy stays alive until an event recorded after that copy
+//              has completed.
 // Switching a policy never changes a bit of any output or gradient: regeneration reruns the same
 // deterministic kernels on the same inputs, and offload copies bytes.
 #pragma once
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <memory>
 #include <string>
+#include <vector>
 
+#include "moecore/backend.h"
 #include "moecore/tensor.h"
 
 namespace moe {
@@ -47,8 +52,34 @@ class ActivationStore {
   // How many tensors were regenerated / copied back since construction (for tests and logs).
   int64_t regenerations() const { return regenerations_; }
   int64_t reloads() const { return reloads_; }
+  // Pinned host copies of reloaded slots kept alive until their host→device copy completed.
+  int64_t reloads_in_flight() const { return static_cast<int64_t>(in_flight_.size()); }
 
  private:
+  // A reload's pinned source and the event recorded after its host→device copy: the buffer is
+  // released once the event has completed (checked at every save/get/clear), and the destructor
+  // waits for what is left. Moving the store moves the buffers; nothing is released early.
+  class InFlight {
+   public:
+    struct Entry {
+      Tensor host;
+      std::unique_ptr<Event> done;
+    };
+    InFlight() = default;
+    InFlight(InFlight&&) noexcept = default;
+    InFlight& operator=(InFlight&& o) noexcept;
+    InFlight(const InFlight&) = delete;
+    InFlight& operator=(const InFlight&) = delete;
+    ~InFlight();
+    void add(Tensor host, std::unique_ptr<Event> done) { entries_.push_back({std::move(host), std::move(done)}); }
+    void reap();      // drops the entries whose copy completed
+    void wait_all();  // waits for every copy, then drops them all (never throws)
+    size_t size() const { return entries_.size(); }
+
+   private:
+    std::vector<Entry> entries_;
+  };
+
   struct Slot {
     SavePolicy policy = SavePolicy::keep;
     Tensor device;   // kept or restored copy
@@ -58,6 +89,7 @@ class ActivationStore {
   };
   std::map<std::string, SavePolicy> rules_;
   std::map<std::string, Slot> slots_;
+  InFlight in_flight_;
   int64_t regenerations_ = 0, reloads_ = 0;
 };
 

@@ -52,7 +52,9 @@ class Backend {
 
   virtual void* allocate(size_t bytes, MemoryKind kind) = 0;  // throws out_of_memory
   virtual void deallocate(void* ptr, size_t bytes, MemoryKind kind) = 0;
-  virtual void copy(void* dst, const void* src, size_t bytes, CopyKind kind) = 0;  // on the current stream
+  // On the current stream. device_to_host and host_to_host return once dst holds the data (the
+  // host may read it); host_to_device and device_to_device may still be running when they return.
+  virtual void copy(void* dst, const void* src, size_t bytes, CopyKind kind) = 0;
   virtual void memset_zero(void* ptr, size_t bytes) = 0;                          // on the current stream
 
   virtual Stream& current_stream() = 0;

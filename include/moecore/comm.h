@@ -15,6 +15,14 @@ namespace moe {
 
 enum class ReduceOp : uint8_t { sum, max, min };
 
+// One point-to-point transfer of a batch (Communicator::batch_send_recv).
+struct P2POp {
+  enum class Kind : uint8_t { send, recv };
+  Kind kind = Kind::send;
+  Tensor tensor;  // send: the bytes to send; recv: where the received bytes go (same shape and dtype as the send)
+  int peer = 0;   // rank in this group
+};
+
 class Communicator {
  public:
   virtual ~Communicator() = default;
@@ -40,6 +48,15 @@ class Communicator {
   virtual void all_to_all_v(const Tensor& in, const std::vector<int64_t>& send_rows, Tensor& out,
                             const std::vector<int64_t>& recv_rows) = 0;
   virtual void broadcast(Tensor& t, int root) = 0;
+  // Point-to-point (Megatron's batch_isend_irecv): posts every send and receive of `ops`, then waits
+  // for all of them (bounded by MOE_COMM_TIMEOUT_S like the collectives). Only the two ranks of
+  // each transfer take part: a send to rank q must meet a receive of the same number of bytes
+  // posted by q for this rank. Transfers between two ranks in one direction match in the order
+  // they were posted. A rank may send to itself (a copy). Back ends that have no point-to-point
+  // (test doubles) throw not_supported.
+  virtual void batch_send_recv(const std::vector<P2POp>& ops);
+  void send(const Tensor& t, int peer) { batch_send_recv({P2POp{P2POp::Kind::send, t, peer}}); }
+  void recv(Tensor& t, int peer) { batch_send_recv({P2POp{P2POp::Kind::recv, t, peer}}); }
   virtual void barrier() = 0;
   // Ranks with equal color form a new group, ordered by key then by rank. Collective.
   virtual std::shared_ptr<Communicator> split(int color, int key, const std::string& name) = 0;

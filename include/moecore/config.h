@@ -35,7 +35,7 @@ struct MoEConfig {
   bool moe_pad_expert_input_to_capacity = false;
   std::optional<int64_t> moe_shared_expert_intermediate_size;
   bool moe_shared_expert_gate = false;
-  bool moe_shared_expert_overlap = false;
+  bool moe_shared_expert_overlap = false;  // true is refused: overlap on a side stream is not implemented
   bool gated_linear_unit = false;          // true + silu = swiglu, true + gelu = geglu
   std::string activation_func = "gelu";    // gelu | silu | relu2 (alias squared_relu)
   std::string params_dtype = "fp32";       // fp32 | fp64 | bf16
@@ -68,15 +68,25 @@ struct MoEConfig {
   int64_t tensor_model_parallel_size = 1;
   int64_t context_parallel_size = 1;
   int64_t pipeline_model_parallel_size = 1;
+  // Uneven pipeline stages (Megatron's --decoder-first/last-pipeline-num-layers): the layers of the
+  // first / last stage; the other layers are split evenly over the stages in between. Unset: every
+  // stage holds num_layers / PP layers. Only with pipeline_model_parallel_size > 1.
+  std::optional<int64_t> decoder_first_pipeline_num_layers;
+  std::optional<int64_t> decoder_last_pipeline_num_layers;
   int64_t expert_model_parallel_size = 1;
   std::optional<int64_t> expert_tensor_parallel_size;  // unset: tensor_model_parallel_size
   std::string moe_token_dispatcher_type = "allgather";  // allgather | alltoall
-  bool sequence_parallel = false;  // forced on when TP > 1 (Megatron requires it with MoE)
+  // Megatron requires sequence parallelism for MoE training with TP > 1, and with TP > 1 everything
+  // here runs sequence-parallel: unset or true is accepted, an explicit false with TP > 1 is
+  // refused. With TP = 1 it has no effect (Megatron turns it off).
+  std::optional<bool> sequence_parallel;
   std::string parallel_order = "tp-cp-ep-dp-pp";
 
   // ---- memory (DESIGN.md §4) ----
-  std::string recompute_granularity;               // "" | selective | full
+  std::string recompute_granularity;               // "" | selective ('full' is refused: not implemented)
   std::vector<std::string> recompute_modules;      // moe_act | shared_experts | moe
+  std::optional<std::string> recompute_method;     // uniform | block: for 'full', refused until it exists
+  std::optional<int64_t> recompute_num_layers;     // likewise
   bool fine_grained_activation_offloading = false;
   std::vector<std::string> offload_modules;        // expert_fc1 | moe_act | shared_experts
 
@@ -103,6 +113,10 @@ std::string config_to_json(const MoEConfig& config);  // every key, pretty-print
 void set_config_value(MoEConfig& config, const std::string& key, const std::string& value);
 bool is_config_key(const std::string& key);
 std::vector<std::string> config_keys();
+// How a key is written on a command line: one value, a boolean (a switch, or true/false), or a
+// list (comma- or, for Megatron command lines, space-separated). Unknown key: an error.
+enum class ConfigKeyShape { scalar, boolean, list };
+ConfigKeyShape config_key_shape(const std::string& key);
 
 // Throws moe::Error(invalid_argument) on the first inconsistency.
 void validate(const MoEConfig& config);
@@ -110,10 +124,11 @@ void validate(const MoEConfig& config);
 void validate_parallel(const MoEConfig& config, int64_t world_size);
 
 // The GPT model's keys (docs/model.md): sizes, heads and query groups, normalization, position
-// embedding, moe_layer_freq, refused Megatron features; then validate() of the MoE part (with
-// moe_ffn_hidden_size defaulting to the dense width as in Megatron). With world_size > 0 also the
-// model's parallel rules: heads and query groups over TP, vocabulary over TP, sequence over TP·CP
-// (and 2·CP chunks under context parallelism), PP = 1 until pipelining exists.
+// embedding, moe_layer_freq, refused Megatron features (biases, dropout), the pipeline split of the
+// layers (num_layers % PP, or decoder_first/last_pipeline_num_layers); then validate() of the MoE part
+// (with moe_ffn_hidden_size defaulting to the dense width as in Megatron). With world_size > 0 also
+// the model's parallel rules: heads and query groups over TP, vocabulary over TP, sequence over TP·CP
+// (and 2·CP chunks under context parallelism).
 void validate_model(const MoEConfig& config, int64_t world_size = 0);
 // The config a model layer runs with: moe_ffn_hidden_size defaulted to the dense width (Megatron).
 MoEConfig resolve_model_config(const MoEConfig& config);

@@ -8,10 +8,10 @@
 // F here is the local width and the caller reduces the partial fc2 outputs.
 #pragma once
 #include <cstdint>
+#include <map>
+#include <memory>
 #include <string>
 #include <vector>
-
-#include <memory>
 
 #include "moecore/activation_store.h"
 #include "moecore/comm.h"
@@ -36,8 +36,12 @@ class GroupedExperts {
   // x (N, H), rows (G) per local expert, probs (N) in the prob dtype → y (N, H).
   Tensor forward(const Tensor& x, const std::vector<int64_t>& rows, const Tensor& probs, ActivationStore& store);
   // dy (N, H) → dx (N, H) overwritten, dprobs (N) overwritten; fc1/fc2 grads accumulated.
-  // dx may be dy itself (dy is read before dx is written).
+  // dx may be dy itself (dy is read before dx is written). The backward of the forward that saved
+  // into `store` (forwards with other stores may be pending at the same time).
   void backward(const Tensor& dy, Tensor& dx, Tensor& dprobs, ActivationStore& store);
+
+  // Drops the pending forward that saved into `store` without its backward.
+  void release(const ActivationStore& store) { rows_.erase(&store); }
 
   Parameter& fc1() { return fc1_; }  // experts.linear_fc1.weight local (G, F1_local, H)
   Parameter& fc2() { return fc2_; }  // experts.linear_fc2.weight local (G, H, F_local)
@@ -50,7 +54,9 @@ class GroupedExperts {
   std::string prefix_;
   int64_t G_, F_;
   Parameter fc1_, fc2_;
-  std::vector<int64_t> rows_;  // of the pending forward
+  // Row counts of each pending forward, by the store it saved into (backward(…, store) reads and
+  // releases them).
+  std::map<const ActivationStore*, std::vector<int64_t>> rows_;
 };
 
 // What tells a dense MLP from the shared expert (as in Megatron, whose SharedExpertMLP is an MLP):

@@ -2,6 +2,7 @@
 // expert, forward and backward (DESIGN.md §4, §6, §7).
 #pragma once
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -28,30 +29,46 @@ struct RoutingSummary {
   Tensor routing_map;  // (T, E) u8
 };
 
+// Micro-batches: every forward is kept under its micro-batch (ForwardContext::microbatch) until its
+// backward, so a pipeline schedule may run the forwards of several micro-batches before their
+// backwards, in any order. A forward of a micro-batch that is still pending replaces it.
 class MoELayer {
  public:
   // groups null: a single process. layer_number enters the jitter key. param_prefix goes before
   // every parameter's canonical name ("decoder.layers.3.mlp." inside a model; "" alone).
+  // pipeline_stage: the layer is part of one pipeline stage of a model (MoEGPTModel), so the groups
+  // may have PP > 1 (they are the stage's groups); a lone layer needs PP = 1.
   MoELayer(const MoEConfig& config, Device device, std::shared_ptr<ProcessGroups> groups = nullptr,
-           int64_t layer_number = 0, const std::string& param_prefix = "");
+           int64_t layer_number = 0, const std::string& param_prefix = "", bool pipeline_stage = false);
   ~MoELayer();
   MoELayer(const MoELayer&) = delete;
   MoELayer& operator=(const MoELayer&) = delete;
 
-  // hidden (T, H) or (S, B, H) in the params dtype, this rank's tokens (token t = s·B + b).
-  // Returns the output in the same shape.
+  // hidden (T, H) or (S, B, H) in the params dtype, this rank's tokens (token t = s·B + b), of
+  // micro-batch ctx.microbatch. Returns the output in the same shape.
   Tensor forward(const Tensor& hidden, const ForwardContext& ctx);
   // grad_output shaped like the forward's output → grad of the input. Parameter grads accumulate.
+  // The backward of the most recent pending forward.
   Tensor backward(const Tensor& grad_output);
+  // The backward of micro-batch `microbatch`'s pending forward.
+  Tensor backward(const Tensor& grad_output, int64_t microbatch);
   // Once per optimizer step (expert-bias update, global-aux reset).
   void finish_step();
+  // Micro-batches forwarded and not yet backwarded; release() drops one without its backward.
+  int64_t pending_microbatches() const { return static_cast<int64_t>(pending_.size()); }
+  void release(int64_t microbatch);
 
   std::vector<Parameter*> parameters();  // router.weight, experts.*, shared_experts.*, router.expert_bias
   Parameter* find_parameter(const std::string& canonical_name);
   void zero_grad();
 
-  const RoutingSummary& last_routing() const { return summary_; }
-  ActivationStore& store() { return store_; }
+  const RoutingSummary& last_routing() const { return summary_; }  // of the most recent forward
+  // The saved slots of the most recent forward's micro-batch (micro-batch 0 before any forward);
+  // store(m): of micro-batch m. Each micro-batch's store starts with the config's policies.
+  ActivationStore& store();
+  ActivationStore& store(int64_t microbatch);
+  // Device bytes held by the saved slots of every pending micro-batch.
+  int64_t saved_device_bytes() const;
   Router& router() { return *router_; }
   GroupedExperts& experts() { return *experts_; }
   SharedExperts* shared_experts() { return shared_.get(); }
@@ -64,13 +81,15 @@ class MoELayer {
   Device device_;
   std::shared_ptr<ProcessGroups> groups_;
   int64_t layer_number_;
-  ActivationStore store_;
+  std::map<int64_t, ActivationStore> stores_;  // per micro-batch, emptied by its backward
+  std::map<int64_t, Shape> pending_;           // pending micro-batches → their input shape
+  std::vector<int64_t> pending_order_;         // pending micro-batches in forward order
+  int64_t last_forward_ = 0;
   std::unique_ptr<Router> router_;
   std::unique_ptr<GroupedExperts> experts_;
   std::unique_ptr<SharedExperts> shared_;
   std::unique_ptr<TokenDispatcher> dispatcher_;
   RoutingSummary summary_;
-  Shape input_shape_;
   DType router_dtype_ = DType::f32;
 };
 

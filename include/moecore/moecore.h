@@ -2,9 +2,11 @@
 #pragma once
 #include "moecore/activation_store.h"
 #include "moecore/backend.h"
+#include "moecore/checkpoint.h"
 #include "moecore/comm.h"
 #include "moecore/config.h"
 #include "moecore/context.h"
+#include "moecore/data.h"
 #include "moecore/distributed.h"
 #include "moecore/dtype.h"
 #include "moecore/error.h"
@@ -18,3 +20,4 @@
 #include "moecore/router.h"
 #include "moecore/safetensors.h"
 #include "moecore/tensor.h"
+#include "moecore/training.h"

@@ -31,6 +31,21 @@ struct OptimizerConfig {             // Megatron's argument names
   bool use_distributed_optimizer = false;
 };
 
+// One contiguous piece of one parameter's optimizer state held by this rank (checkpoints,
+// docs/checkpoints.md). It covers the flat elements [begin, begin + length) of param->value (this
+// rank's local shard, row-major; Parameter::shard maps them to the canonical tensor). With the
+// distributed optimizer a piece may start and end anywhere inside the parameter; with the
+// replicated one each parameter is one piece. The tensors are views of the optimizer's buffers:
+// reading them saves the state, writing into them loads it.
+struct OptimizerStateSlice {
+  Parameter* param = nullptr;
+  int64_t begin = 0, length = 0;
+  Tensor master;      // (length) f32 master weights; undefined for f32 parameters (the value is the master)
+  Tensor exp_avg;     // (length) f32, adam
+  Tensor exp_avg_sq;  // (length) f32, adam
+  Tensor momentum;    // (length) f32, sgd with sgd_momentum != 0 (PyTorch's momentum_buffer)
+};
+
 struct OptimizerStepResult {
   double grad_norm = 0;  // the global L2 norm of the reduced gradients, before clipping
   bool skipped = false;  // true when grad_norm is not finite: nothing was updated
@@ -75,6 +90,14 @@ class Optimizer {
   int64_t iteration() const;           // steps applied
   int64_t skipped_iterations() const;  // steps skipped for a non-finite gradient norm
   const OptimizerConfig& config() const;
+
+  // Checkpoints. state_slices(): every piece of state this rank updates, in bucket order (views).
+  // set_iteration(): the step counts a checkpoint restores (Adam's bias correction uses iteration).
+  // reload_model_params(): the f32 masters of bf16 parameters re-read from the parameters (after
+  // loading parameters without optimizer state, as Megatron's reload_model_params); no-op for f32.
+  std::vector<OptimizerStateSlice> state_slices();
+  void set_iteration(int64_t iteration, int64_t skipped_iterations = 0);
+  void reload_model_params();
 
  private:
   struct Impl;

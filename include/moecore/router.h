@@ -5,6 +5,7 @@
 // context's loss_scale; they are reported, not added to the model loss.
 #pragma once
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -40,10 +41,16 @@ class Router {
   Router(const MoEConfig& config, Device device, RouterGroups groups = {}, int64_t layer_number = 0,
          const std::string& param_prefix = "");
 
-  // x (T, H) in the params dtype.
+  // x (T, H) in the params dtype. What the backward needs is kept in `store` and, for the rest,
+  // under that store: forwards of several micro-batches (each with its own store) may be pending
+  // at once and run their backwards in any order.
   RouterOutput forward(const Tensor& x, const ForwardContext& ctx, ActivationStore& store);
   // dprobs (T, E) router dtype. Accumulates weight.grad; dx (T, H) += the router's input gradient.
+  // The backward of the forward that used `store`.
   void backward(const Tensor& dprobs, Tensor& dx, ActivationStore& store);
+  // Forwards whose backward has not run yet; release() drops one without its backward.
+  int64_t pending() const { return static_cast<int64_t>(pending_.size()); }
+  void release(const ActivationStore& store) { pending_.erase(&store); }
 
   // Once per optimizer step, after the last micro-batch's backward: all-reduces the expert-bias
   // token counts over TP×DP×CP and applies b_i += rate·sign(mean(c) − c_i); resets the global aux
@@ -68,9 +75,10 @@ class Router {
   // global_aux_loss: counts accumulated over the step's micro-batches and their number.
   std::vector<double> global_tokens_per_expert_;
   int64_t global_aux_steps_ = 0;
-  // Per-forward state the backward reads (beside the store's slots).
+  // Per-forward state the backward reads (beside the store's slots), by the forward's store. The
+  // step's counts above do not depend on the order in which pending backwards run.
   struct Pending;
-  std::shared_ptr<Pending> pending_;
+  std::map<const ActivationStore*, std::shared_ptr<Pending>> pending_;
 };
 
 }  // namespace moe

@@ -6,8 +6,13 @@
 // glu: the input row is [a | b] (F each), out = act(a)·b·s; otherwise out = act(x)·s, s = row_scale[r]
 // or 1. Backward: g = dout·s; glu: da = g·b·act'(a), db = g·act(a); else dx = g·act'(x);
 // drow_scale[r] = Σ_f dout·act(a)·b (or Σ_f dout·act(x)).
-// Forward: a grid-stride loop over rows·F. Backward: one warp per row (the drow_scale sum is a fixed
-// lane-partial + shuffle-tree order, so it repeats bit for bit).
+// Forward: a grid-stride loop over rows·F in 16-byte packs (8 bf16) when the shapes and pointers
+// allow, without a division per element. Backward: one warp per row in the same packs (the
+// drow_scale sum is a fixed lane-partial + shuffle-tree order, so it repeats bit for bit). In place:
+// act_bwd's din may be in, act_fwd's out may be in without glu (no __restrict__ on those).
+#include <initializer_list>
+#include <type_traits>
+
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/cuda_kernels.h"
 
@@ -65,50 +70,106 @@ void dispatch_scale(DType dt, bool present, const char* op, F&& f) {
   dispatch_f32_f64(dt, op, "row scale", f);
 }
 
-template <class T, class S, class Fn>
+// VP elements of T moved as one aligned pack (16 bytes when the rows and pointers allow: 8 bf16).
+template <class T, int VP>
+struct alignas(sizeof(T) * VP) Pack {
+  T v[VP];
+};
+
+// Forward: a grid-stride loop over the rows · F/VP packs. A thread keeps its (row, pack) position
+// and advances it by the stride's quotient and remainder (one division per thread, none per
+// element). out may be in when !glu (each element is read and written by the same thread).
+template <class T, class S, class Fn, int VP>
 __global__ void __launch_bounds__(kThreads)
-    act_fwd_kernel(const T* __restrict__ in, const S* __restrict__ row_scale, T* __restrict__ out, int64_t rows,
-                   int64_t F, bool glu) {
+    act_fwd_kernel(const T* in, const S* __restrict__ row_scale, T* out, int64_t rows, int64_t F, bool glu) {
   using A = acc_t<T>;
-  const int64_t n = rows * F, in_w = glu ? 2 * F : F;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = i / F, f = i - r * F;
+  using P = Pack<T, VP>;
+  const int64_t per_row = F / VP, n = rows * per_row, in_w = glu ? 2 * F : F;
+  const int64_t start = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (start >= n) return;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  const int64_t dr = stride / per_row, dv = stride - dr * per_row;
+  int64_t r = start / per_row, v = start - r * per_row;
+  for (int64_t i = start; i < n; i += stride) {
     const A s = row_scale ? static_cast<A>(row_scale[r]) : A(1);
     const T* x = in + r * in_w;
-    const A v = glu ? Fn::f(to_acc(x[f])) * to_acc(x[F + f]) * s : Fn::f(to_acc(x[f])) * s;
-    out[i] = from_acc<T>(v);
+    const P a = reinterpret_cast<const P*>(x)[v];
+    P o;
+    if (glu) {
+      const P b = reinterpret_cast<const P*>(x + F)[v];
+#pragma unroll
+      for (int k = 0; k < VP; ++k) o.v[k] = from_acc<T>(Fn::f(to_acc(a.v[k])) * to_acc(b.v[k]) * s);
+    } else {
+#pragma unroll
+      for (int k = 0; k < VP; ++k) o.v[k] = from_acc<T>(Fn::f(to_acc(a.v[k])) * s);
+    }
+    reinterpret_cast<P*>(out + r * F)[v] = o;
+    r += dr;
+    v += dv;
+    if (v >= per_row) {
+      v -= per_row;
+      ++r;
+    }
   }
 }
 
-template <class T, class S, class Fn>
+// Backward: one warp per row, VP-element packs. din may be in (the experts' backward reuses h's
+// buffer for dh): every element of a row is read before it is written by the same thread.
+template <class T, class S, class Fn, int VP>
 __global__ void __launch_bounds__(kRowsPerBlock * kWarp)
-    act_bwd_kernel(const T* __restrict__ in, const S* __restrict__ row_scale, const T* __restrict__ dout,
-                   T* __restrict__ din, S* __restrict__ drow_scale, int64_t rows, int64_t F, bool glu) {
+    act_bwd_kernel(const T* in, const S* __restrict__ row_scale, const T* __restrict__ dout, T* din,
+                   S* __restrict__ drow_scale, int64_t rows, int64_t F, bool glu) {
   using A = acc_t<T>;
+  using P = Pack<T, VP>;
   const int lane = threadIdx.x % kWarp;
   const int64_t r = blockIdx.x * int64_t(kRowsPerBlock) + threadIdx.x / kWarp;
   if (r >= rows) return;  // a whole warp leaves together
-  const int64_t in_w = glu ? 2 * F : F;
+  const int64_t in_w = glu ? 2 * F : F, per_row = F / VP;
   const A s = row_scale ? static_cast<A>(row_scale[r]) : A(1);
   const T* x = in + r * in_w;
-  const T* dy = dout + r * F;
+  const P* dy = reinterpret_cast<const P*>(dout + r * F);
   T* dx = din + r * in_w;
   A ds = 0;
-  for (int64_t f = lane; f < F; f += kWarp) {
+  for (int64_t v = lane; v < per_row; v += kWarp) {
+    const P d = dy[v];
     if (glu) {
-      const A av = to_acc(x[f]), bv = to_acc(x[F + f]), d = to_acc(dy[f]);
-      const A act = Fn::f(av), g = d * s;
-      dx[f] = from_acc<T>(g * bv * Fn::df(av));
-      dx[F + f] = from_acc<T>(g * act);
-      ds += d * act * bv;
+      const P a = reinterpret_cast<const P*>(x)[v], b = reinterpret_cast<const P*>(x + F)[v];
+      P da, db;
+#pragma unroll
+      for (int k = 0; k < VP; ++k) {
+        const A av = to_acc(a.v[k]), bv = to_acc(b.v[k]), dv = to_acc(d.v[k]);
+        const A act = Fn::f(av), g = dv * s;
+        da.v[k] = from_acc<T>(g * bv * Fn::df(av));
+        db.v[k] = from_acc<T>(g * act);
+        ds += dv * act * bv;
+      }
+      reinterpret_cast<P*>(dx)[v] = da;
+      reinterpret_cast<P*>(dx + F)[v] = db;
     } else {
-      const A xv = to_acc(x[f]), d = to_acc(dy[f]);
-      dx[f] = from_acc<T>(d * s * Fn::df(xv));
-      ds += d * Fn::f(xv);
+      const P a = reinterpret_cast<const P*>(x)[v];
+      P da;
+#pragma unroll
+      for (int k = 0; k < VP; ++k) {
+        const A xv = to_acc(a.v[k]), dv = to_acc(d.v[k]);
+        da.v[k] = from_acc<T>(dv * s * Fn::df(xv));
+        ds += dv * Fn::f(xv);
+      }
+      reinterpret_cast<P*>(dx)[v] = da;
     }
   }
   ds = warp_sum(ds);
   if (drow_scale && lane == 0) drow_scale[r] = static_cast<S>(ds);
+}
+
+// 16-byte packs when F is a multiple of the pack and every pointer is 16-byte aligned (rows then
+// stay aligned: their strides are multiples of F elements), else single elements.
+template <class T>
+bool use_packs(int64_t F, std::initializer_list<const void*> ptrs) {
+  constexpr int64_t kVec = 16 / sizeof(T);
+  if (kVec <= 1 || F % kVec != 0) return false;
+  for (const void* p : ptrs)
+    if (p && reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
 }
 
 }  // namespace
@@ -122,12 +183,19 @@ void cuda_act_fwd(const ActFwdArgs& a, const ExecCtx& ctx) {
       using S = typename decltype(stag)::type;
       dispatch_act<acc_t<T>>(a.act, [&](auto ftag) {
         using Fn = typename decltype(ftag)::type;
-        const int64_t n = a.rows * a.F;
-        if (n == 0) return;
-        act_fwd_kernel<T, S, Fn><<<grid_for(n, kThreads), kThreads, 0, stream_of(ctx)>>>(
-            static_cast<const T*>(a.in), static_cast<const S*>(a.row_scale), static_cast<T*>(a.out), a.rows, a.F,
-            a.glu);
-        MOE_CUDA_CHECK_LAUNCH("act_fwd_kernel");
+        if (a.rows * a.F == 0) return;
+        auto launch = [&](auto vtag) {
+          constexpr int VP = decltype(vtag)::value;
+          const int64_t n = a.rows * (a.F / VP);
+          act_fwd_kernel<T, S, Fn, VP><<<grid_for(n, kThreads), kThreads, 0, stream_of(ctx)>>>(
+              static_cast<const T*>(a.in), static_cast<const S*>(a.row_scale), static_cast<T*>(a.out), a.rows, a.F,
+              a.glu);
+          MOE_CUDA_CHECK_LAUNCH("act_fwd_kernel");
+        };
+        if (use_packs<T>(a.F, {a.in, a.out}))
+          launch(std::integral_constant<int, 16 / sizeof(T)>{});
+        else
+          launch(std::integral_constant<int, 1>{});
       });
     });
   });
@@ -143,11 +211,18 @@ void cuda_act_bwd(const ActBwdArgs& a, const ExecCtx& ctx) {
       dispatch_act<acc_t<T>>(a.act, [&](auto ftag) {
         using Fn = typename decltype(ftag)::type;
         if (a.rows == 0) return;
-        act_bwd_kernel<T, S, Fn>
-            <<<grid_rows(ceil_div(a.rows, kRowsPerBlock), op), kRowsPerBlock * kWarp, 0, stream_of(ctx)>>>(
-                static_cast<const T*>(a.in), static_cast<const S*>(a.row_scale), static_cast<const T*>(a.dout),
-                static_cast<T*>(a.din), static_cast<S*>(a.drow_scale), a.rows, a.F, a.glu);
-        MOE_CUDA_CHECK_LAUNCH("act_bwd_kernel");
+        auto launch = [&](auto vtag) {
+          constexpr int VP = decltype(vtag)::value;
+          act_bwd_kernel<T, S, Fn, VP>
+              <<<grid_rows(ceil_div(a.rows, kRowsPerBlock), op), kRowsPerBlock * kWarp, 0, stream_of(ctx)>>>(
+                  static_cast<const T*>(a.in), static_cast<const S*>(a.row_scale), static_cast<const T*>(a.dout),
+                  static_cast<T*>(a.din), static_cast<S*>(a.drow_scale), a.rows, a.F, a.glu);
+          MOE_CUDA_CHECK_LAUNCH("act_bwd_kernel");
+        };
+        if (use_packs<T>(a.F, {a.in, a.dout, a.din}))
+          launch(std::integral_constant<int, 16 / sizeof(T)>{});
+        else
+          launch(std::integral_constant<int, 1>{});
       });
     });
   });

@@ -14,19 +14,30 @@ using namespace cuda;
 
 constexpr int kThreads = 256;
 
-// Grid-stride over the rows·out_cols output elements.
+// Grid-stride over the rows·out_cols output elements. Each thread keeps its (row, column) position
+// and advances it by the stride's quotient and remainder: one division per thread, none per element.
 template <class W>
 __global__ void __launch_bounds__(kThreads)
     columns_kernel(const W* __restrict__ in, W* __restrict__ out, int64_t rows, int64_t in_cols, int64_t out_cols,
                    int64_t start, bool scatter) {
   const int64_t n = rows * out_cols;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = i / out_cols, c = i % out_cols;
+  const int64_t first = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (first >= n) return;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  const int64_t dr = stride / out_cols, dc = stride - dr * out_cols;
+  int64_t r = first / out_cols, c = first - r * out_cols;
+  for (int64_t i = first; i < n; i += stride) {
     if (scatter) {
       const int64_t src = c - start;
       out[i] = (src >= 0 && src < in_cols) ? in[r * in_cols + src] : W(0);
     } else {
       out[i] = in[r * in_cols + start + c];
+    }
+    r += dr;
+    c += dc;
+    if (c >= out_cols) {
+      c -= out_cols;
+      ++r;
     }
   }
 }

@@ -229,6 +229,39 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* shared, int& tot
 }
 
 // ---------------------------------------------------------------------------------------------
+// Per-column ranks over token chunks (the row map of permute and the capacity kernels): the tokens
+// are cut into chunks of kRankChunk; a count pass writes counts[c · E + e] (chunk c, column e), this
+// scan turns them into exclusive prefixes over the chunks, and a scatter pass walks each chunk from
+// its prefix. Every pass has chunks × expert tiles blocks, so the work spreads over the GPU however
+// many tokens there are (the older kernels walked all T tokens in one block per 32 experts).
+constexpr int kRankChunk = 1024;  // tokens per chunk (32 tiles of 32 tokens)
+constexpr int kScanThreads = 256;
+
+// One block per column e: bases[c·E + e] = (offsets ? offsets[e] : 0) + Σ_{c' < c} counts[c'·E + e]
+// (in chunk order, so the result is exact and deterministic); totals[e] (optional) = Σ_c counts.
+// Integer sums: fit in int32 because T < 2^31 (the callers check).
+template <class C>
+__global__ void __launch_bounds__(kScanThreads)
+    chunk_scan_kernel(const C* __restrict__ counts, int64_t nchunks, int64_t E, const int64_t* __restrict__ offsets,
+                      C* __restrict__ bases, C* __restrict__ totals) {
+  __shared__ int smem[kScanThreads / kWarp + 1];
+  const int64_t e = blockIdx.x;
+  C carry = offsets ? static_cast<C>(offsets[e]) : C(0);
+  for (int64_t base = 0; base < nchunks; base += kScanThreads) {
+    const int64_t c = base + threadIdx.x;
+    const int v = c < nchunks ? static_cast<int>(counts[c * E + e]) : 0;
+    int total = 0;
+    const int ex = block_exclusive_scan(v, smem, total);
+    if (c < nchunks) bases[c * E + e] = carry + static_cast<C>(ex);
+    carry += static_cast<C>(total);
+  }
+  if (totals && threadIdx.x == 0) totals[e] = carry - (offsets ? static_cast<C>(offsets[e]) : C(0));
+}
+
+// Bits of lanes below this one (for ranks from a ballot).
+__device__ __forceinline__ unsigned lanes_below() { return (1u << (threadIdx.x % kWarp)) - 1u; }
+
+// ---------------------------------------------------------------------------------------------
 // Raw row copies (data movement stays bit-exact): the widest word W of 16/8/4/2/1 bytes that divides
 // the row size and the alignment of every base pointer.
 inline int copy_word_bytes(size_t row_bytes, std::initializer_list<const void*> ptrs) {

@@ -22,8 +22,9 @@ constexpr int kMaxSumBlocks = 1024;
 #define MOE_GRID_STRIDE(i, n) \
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); i += int64_t(gridDim.x) * blockDim.x)
 
+// Elementwise kernels may run in place (x == y / out): no __restrict__ on their pointers.
 template <class T>
-__global__ void axpby_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t n, acc_t<T> alpha, acc_t<T> beta) {
+__global__ void axpby_kernel(const T* x, T* y, int64_t n, acc_t<T> alpha, acc_t<T> beta) {
   using A = acc_t<T>;
   MOE_GRID_STRIDE(i, n) {
     const A yv = beta == A(0) ? A(0) : mul_rn(beta, to_acc(y[i]));  // b = 0 ignores y (NaN included)
@@ -32,19 +33,19 @@ __global__ void axpby_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t
 }
 
 template <class T>
-__global__ void mul_kernel(const T* __restrict__ x, const T* __restrict__ y, T* __restrict__ out, int64_t n) {
+__global__ void mul_kernel(const T* x, const T* y, T* out, int64_t n) {
   MOE_GRID_STRIDE(i, n) out[i] = from_acc<T>(mul_rn(to_acc(x[i]), to_acc(y[i])));
 }
 
 template <class T>
-__global__ void sigmoid_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t n) {
+__global__ void sigmoid_kernel(const T* x, T* out, int64_t n) {
   using A = acc_t<T>;
   MOE_GRID_STRIDE(i, n) out[i] = from_acc<T>(A(1) / (A(1) + d_exp(-to_acc(x[i]))));
 }
 
 // out = dy · y · (1 − y)
 template <class T>
-__global__ void sigmoid_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ out, int64_t n) {
+__global__ void sigmoid_bwd_kernel(const T* dy, const T* y, T* out, int64_t n) {
   using A = acc_t<T>;
   MOE_GRID_STRIDE(i, n) {
     const A s = to_acc(y[i]);

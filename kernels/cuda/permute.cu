@@ -52,30 +52,57 @@ __global__ void __launch_bounds__(kTile * kCountRows)
   }
 }
 
-// permute_index: block (32 experts, 32 token rows) walks all T in tiles of 32 tokens. A tile is
-// staged transposed in shared memory; warp w scans expert column w of the tile with a ballot (lane =
-// token), carrying the running count in a register; the results go back coalesced.
+// permute_index, count → scan → scatter over chunks of kRankChunk tokens (common.cuh):
+//   count:   block (chunk c, 32 experts) counts its chunk's routed tokens per expert;
+//   scan:    chunk_scan_kernel turns the counts into each chunk's first row per expert (offsets[e]
+//            plus the routed tokens of expert e in earlier chunks);
+//   scatter: block (chunk c, 32 experts) walks its chunk in tiles of 32 tokens. A tile is staged
+//            transposed in shared memory; warp w ranks expert column w of the tile with a ballot
+//            (lane = token), carrying the running row in a register; the results go back coalesced.
+// Every pass has chunks × ceil(E/32) blocks, so 1M tokens spread over the whole GPU.
 __global__ void __launch_bounds__(kTile * kTile)
-    permute_index_kernel(const uint8_t* __restrict__ map, const int64_t* __restrict__ offsets,
-                         int32_t* __restrict__ row_id_map, int64_t T, int64_t E) {
-  __shared__ uint8_t flag[kTile][kTile + 1];  // [token in tile][expert in tile]
-  __shared__ int rank[kTile][kTile + 1];
+    rowmap_count_kernel(const uint8_t* __restrict__ map, int64_t T, int64_t E, int32_t* __restrict__ counts) {
+  __shared__ int part[kTile][kTile + 1];  // [token row][expert]
   const int x = threadIdx.x, y = threadIdx.y;
-  const int64_t e = blockIdx.x * int64_t(kTile) + x;  // expert of this thread in the load / store phase
-  int carry = 0;                                      // routed tokens so far of expert column y (warp y)
-  for (int64_t base = 0; base < T; base += kTile) {
+  const int64_t c = blockIdx.x;
+  const int64_t e = blockIdx.y * int64_t(kTile) + x;
+  const int64_t t0 = c * kRankChunk, t1 = t0 + kRankChunk < T ? t0 + kRankChunk : T;
+  int n = 0;
+  if (e < E)
+    for (int64_t t = t0 + y; t < t1; t += kTile) n += map[t * E + e] != 0;
+  part[y][x] = n;
+  __syncthreads();
+  if (y == 0 && e < E) {
+    int sum = 0;
+    for (int r = 0; r < kTile; ++r) sum += part[r][x];
+    counts[c * E + e] = sum;
+  }
+}
+
+__global__ void __launch_bounds__(kTile * kTile)
+    rowmap_scatter_kernel(const uint8_t* __restrict__ map, const int32_t* __restrict__ bases,
+                          int32_t* __restrict__ row_id_map, int64_t T, int64_t E) {
+  __shared__ uint8_t flag[kTile][kTile + 1];  // [token in tile][expert in tile]
+  __shared__ int32_t row[kTile][kTile + 1];
+  const int x = threadIdx.x, y = threadIdx.y;
+  const int64_t c = blockIdx.x;
+  const int64_t e = blockIdx.y * int64_t(kTile) + x;   // expert of this thread in the load / store phase
+  const int64_t ey = blockIdx.y * int64_t(kTile) + y;  // expert column of warp y in the scan phase
+  const int64_t t0 = c * kRankChunk, t1 = t0 + kRankChunk < T ? t0 + kRankChunk : T;
+  int32_t carry = ey < E ? bases[c * E + ey] : 0;  // the next row of expert column y
+  for (int64_t base = t0; base < t1; base += kTile) {
     const int64_t t = base + y;
-    const bool inside = t < T && e < E;
+    const bool inside = t < t1 && e < E;
     flag[y][x] = inside ? (map[t * E + e] != 0) : 0;
     __syncthreads();
     // Scan phase: warp y takes expert column y; lane x is token base + x.
     const unsigned ballot = __ballot_sync(0xffffffffu, flag[x][y] != 0);
-    rank[x][y] = carry + __popc(ballot & ((1u << x) - 1u));
+    row[x][y] = carry + __popc(ballot & lanes_below());
     carry += __popc(ballot);
     __syncthreads();
     // Store phase: thread (x, y) reads only its own slots, so the next tile may overwrite the others
     // after the next barrier.
-    if (inside) row_id_map[t * E + e] = flag[y][x] ? static_cast<int32_t>(offsets[e] + rank[y][x]) : -1;
+    if (inside) row_id_map[t * E + e] = flag[y][x] ? row[y][x] : -1;
   }
 }
 
@@ -244,6 +271,11 @@ void cuda_routing_counts(const RoutingCountsArgs& a, const ExecCtx& ctx) {
 void cuda_permute_index(const PermuteIndexArgs& a, const ExecCtx& ctx) {
   DeviceGuard g(ctx);
   if (a.T == 0 || a.E == 0) return;
+  const char* op = "permute_index";
+  MOE_CHECK_CODE(a.T <= 0x7fffffffLL, ErrorCode::not_supported, op, ": ", a.T,
+                 " tokens exceed the CUDA kernel's 32-bit row ids");
+  MOE_CHECK_CODE(ceil_div(a.E, kTile) <= 65535, ErrorCode::not_supported, op, ": ", a.E,
+                 " experts exceed the CUDA grid (65535 tiles of 32)");
   // The device copy of the offsets when the wrapper made one, else upload the host table.
   Scratch up(ctx, a.expert_offsets ? 0 : static_cast<size_t>(a.E) * sizeof(int64_t));
   const int64_t* offsets = a.expert_offsets;
@@ -251,9 +283,19 @@ void cuda_permute_index(const PermuteIndexArgs& a, const ExecCtx& ctx) {
     upload(ctx, up, a.expert_offsets_host, static_cast<size_t>(a.E) * sizeof(int64_t));
     offsets = up.as<int64_t>();
   }
-  permute_index_kernel<<<static_cast<unsigned>(ceil_div(a.E, kTile)), dim3(kTile, kTile), 0, stream_of(ctx)>>>(
-      a.routing_map, offsets, a.row_id_map, a.T, a.E);
-  MOE_CUDA_CHECK_LAUNCH("permute_index_kernel");
+  const int64_t nchunks = ceil_div(a.T, kRankChunk);
+  Scratch counts(ctx, static_cast<size_t>(nchunks * a.E) * sizeof(int32_t));
+  Scratch bases(ctx, static_cast<size_t>(nchunks * a.E) * sizeof(int32_t));
+  const dim3 grid(static_cast<unsigned>(nchunks), static_cast<unsigned>(ceil_div(a.E, kTile)));
+  rowmap_count_kernel<<<grid, dim3(kTile, kTile), 0, stream_of(ctx)>>>(a.routing_map, a.T, a.E,
+                                                                         counts.as<int32_t>());
+  MOE_CUDA_CHECK_LAUNCH("rowmap_count_kernel");
+  chunk_scan_kernel<int32_t><<<grid_rows(a.E, op), kScanThreads, 0, stream_of(ctx)>>>(
+      counts.as<int32_t>(), nchunks, a.E, offsets, bases.as<int32_t>(), nullptr);
+  MOE_CUDA_CHECK_LAUNCH("chunk_scan_kernel");
+  rowmap_scatter_kernel<<<grid, dim3(kTile, kTile), 0, stream_of(ctx)>>>(a.routing_map, bases.as<int32_t>(),
+                                                                           a.row_id_map, a.T, a.E);
+  MOE_CUDA_CHECK_LAUNCH("rowmap_scatter_kernel");
 }
 
 void cuda_permute(const PermuteArgs& a, const ExecCtx& ctx) {

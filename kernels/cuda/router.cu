@@ -24,8 +24,7 @@ using namespace cuda;
 
 constexpr int kTokThreads = 128;                  // threads per token block
 constexpr int kTokWarps = kTokThreads / kWarp;
-constexpr int kCapThreads = 256;                  // threads per expert column (capacity)
-constexpr int kCapWarps = kCapThreads / kWarp;
+constexpr int kTile = 32;                         // capacity: experts (and tokens) per tile
 constexpr int64_t kAuxChunk = 64;                 // tokens per block of the aux statistics
 constexpr int kSumThreads = 256;                  // the single block of a final sum
 
@@ -504,76 +503,221 @@ __device__ __forceinline__ uint64_t order_key(double v) {
   return (u & 0x8000000000000000ull) ? ~u : (u | 0x8000000000000000ull);
 }
 
+// Capacity as count → (select) → scan → apply over chunks of kRankChunk tokens, every pass with
+// chunks × ceil(E/32) blocks of (32 experts × 32 token rows), reading the (T, E) arrays in rows of
+// 32 experts (coalesced), never one strided column per block:
+//   1. count routed tokens per (chunk, expert); scan them over the chunks (chunk_scan_kernel) →
+//      each chunk's routed rank base, and each column's routed total n[e];
+//   2. probs policy, columns with n > cap > 0 only: the key x of the cap-th largest routed prob by
+//      an MSD radix select, 8 bits per pass (a per-column histogram of the keys that share the
+//      digits chosen so far, then one block per column picks the digit), and `need`, how many of
+//      the routed tokens with key == x are kept (the earliest ones: ties to the lower token); then
+//      count and scan the routed tokens with key > x and key == x per chunk;
+//   3. apply: each chunk walks its tokens in tiles of 32 with the running ranks of its columns
+//      (ballots, as the row map does), decides kept / dropped / padded per (token, expert) and
+//      writes map and probs in place. Kept-before counts give each token's rank among the tokens
+//      not kept, so padding takes the earliest `full − kept` of them.
+// Everything stays on the device: no host synchronisation, whatever the column counts.
 template <class R>
-__global__ void __launch_bounds__(kCapThreads)
-    capacity_kernel(R* __restrict__ probs, uint8_t* __restrict__ map, int64_t T, int64_t E, int64_t cap,
-                    bool by_probs, bool pad) {
-  using U = std::conditional_t<sizeof(R) == 4, uint32_t, uint64_t>;
-  __shared__ int red[kCapWarps + 1];
-  const int64_t e = blockIdx.x;
-  // Routed tokens of this expert.
-  int local = 0;
-  for (int64_t t = threadIdx.x; t < T; t += blockDim.x) local += map[t * E + e] != 0;
-  const int64_t n = block_sum(local, red);
-  const int64_t full = cap < T ? cap : T;     // rows after padding
-  const int64_t kept_n = n < cap ? n : cap;  // rows kept before padding
-  const bool drop = n > cap;
-  // probs policy: x = the key of the cap-th largest routed prob (bitwise search from the top bit:
-  // the largest x with #{key >= x} >= cap), gt = #{key > x}, and the `need` earliest tokens whose
-  // key equals x are kept too (ties to the lower token).
-  U x = 0;
-  int64_t need = 0;
-  if (drop && by_probs && cap > 0) {
-    for (int bit = static_cast<int>(sizeof(U) * 8) - 1; bit >= 0; --bit) {
-      const U cand = x | (U(1) << bit);
-      int cnt = 0;
-      for (int64_t t = threadIdx.x; t < T; t += blockDim.x)
-        cnt += (map[t * E + e] != 0 && order_key(probs[t * E + e]) >= cand) ? 1 : 0;
-      if (block_sum(cnt, red) >= cap) x = cand;
-    }
-    int gt = 0;
-    for (int64_t t = threadIdx.x; t < T; t += blockDim.x)
-      gt += (map[t * E + e] != 0 && order_key(probs[t * E + e]) > x) ? 1 : 0;
-    need = cap - block_sum(gt, red);
-  }
-  const int64_t pad_need = pad ? full - kept_n : 0;
-  if (!drop && pad_need == 0) return;  // the column stays as it is
-  int64_t carry = 0, pad_carry = 0;
-  for (int64_t base = 0; base < T; base += blockDim.x) {  // every thread runs every round
-    const int64_t t = base + threadIdx.x;
-    const bool valid = t < T;
-    const bool routed = valid && map[t * E + e] != 0;
-    bool kept = routed;
-    if (drop) {
-      int total = 0;
-      if (cap == 0) {
-        kept = false;
-      } else if (!by_probs) {  // position: the earliest cap routed tokens
-        const int r = block_exclusive_scan(routed ? 1 : 0, red, total);
-        kept = routed && carry + r < cap;
-        carry += total;
+using CapKey = std::conditional_t<sizeof(R) == 4, uint32_t, uint64_t>;
+
+struct CapColumns {  // per-column device state, E entries each
+  int32_t* routed_total;  // n[e]
+  int32_t* need;          // probs policy: ties at the threshold to keep; 0: column not selecting
+  void* key;              // probs policy: the threshold key x (CapKey<R>)
+};
+
+// mode 0: counts0[c·E + e] = routed tokens of the chunk; mode 1 (selecting columns only):
+// counts0 = routed with key > x, counts1 = routed with key == x.
+template <class R, int kMode>
+__global__ void __launch_bounds__(kTile * kTile)
+    cap_count_kernel(const R* __restrict__ probs, const uint8_t* __restrict__ map, int64_t T, int64_t E,
+                     CapColumns col, int32_t* __restrict__ counts0, int32_t* __restrict__ counts1) {
+  using U = CapKey<R>;
+  __shared__ int part0[kTile][kTile + 1], part1[kTile][kTile + 1];
+  const int x = threadIdx.x, y = threadIdx.y;
+  const int64_t c = blockIdx.x;
+  const int64_t e = blockIdx.y * int64_t(kTile) + x;
+  const int64_t t0 = c * kRankChunk, t1 = t0 + kRankChunk < T ? t0 + kRankChunk : T;
+  int n0 = 0, n1 = 0;
+  if (e < E && (kMode == 0 || col.need[e] > 0)) {
+    const U xk = kMode == 1 ? static_cast<const U*>(col.key)[e] : U(0);
+    for (int64_t t = t0 + y; t < t1; t += kTile) {
+      if (map[t * E + e] == 0) continue;
+      if (kMode == 0) {
+        ++n0;
       } else {
-        const U key = routed ? order_key(probs[t * E + e]) : U(0);
-        const bool eq = routed && key == x;
-        const int r = block_exclusive_scan(eq ? 1 : 0, red, total);
-        kept = (routed && key > x) || (eq && carry + r < need);
-        carry += total;
+        const U k = order_key(probs[t * E + e]);
+        n0 += k > xk;
+        n1 += k == xk;
       }
     }
-    bool padded = false;
-    if (pad_need > 0) {  // the earliest tokens not kept fill the column to `full` rows
-      const bool free_row = valid && !kept;
-      int total = 0;
-      const int r = block_exclusive_scan(free_row ? 1 : 0, red, total);
-      padded = free_row && pad_carry + r < pad_need;
-      pad_carry += total;
+  }
+  part0[y][x] = n0;
+  part1[y][x] = n1;
+  __syncthreads();
+  if (y == 0 && e < E) {
+    int s0 = 0, s1 = 0;
+    for (int r = 0; r < kTile; ++r) {
+      s0 += part0[r][x];
+      s1 += part1[r][x];
     }
-    if (routed && !kept) {  // dropped
-      map[t * E + e] = 0;
-      probs[t * E + e] = R(0);
+    counts0[c * E + e] = s0;
+    if (kMode == 1) counts1[c * E + e] = s1;
+  }
+}
+
+// need[e] = cap for the columns that drop by probs (n > cap > 0), else 0; key[e] = 0.
+template <class R>
+__global__ void cap_select_init_kernel(CapColumns col, int64_t E, int64_t cap) {
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < E; e += int64_t(gridDim.x) * blockDim.x) {
+    col.need[e] = (cap > 0 && col.routed_total[e] > cap) ? static_cast<int32_t>(cap) : 0;
+    static_cast<CapKey<R>*>(col.key)[e] = 0;
+  }
+}
+
+// One radix pass: hist[e·256 + d] += routed tokens of selecting column e whose key agrees with key[e]
+// above bit shift + 8 and has digit d at bits [shift, shift + 8). Per-block histograms in shared
+// memory, then integer atomics (order-independent totals).
+template <class R>
+__global__ void __launch_bounds__(kTile * 8)
+    cap_hist_kernel(const R* __restrict__ probs, const uint8_t* __restrict__ map, int64_t T, int64_t E,
+                    CapColumns col, int shift, unsigned* __restrict__ hist) {
+  using U = CapKey<R>;
+  constexpr int kBits = static_cast<int>(sizeof(U) * 8);
+  __shared__ unsigned h[kTile][256];
+  const int x = threadIdx.x, y = threadIdx.y;  // blockDim (32, 8)
+  for (int i = y * kTile + x; i < kTile * 256; i += kTile * 8) h[i / 256][i % 256] = 0;
+  __syncthreads();
+  const int64_t c = blockIdx.x;
+  const int64_t e = blockIdx.y * int64_t(kTile) + x;
+  const int64_t t0 = c * kRankChunk, t1 = t0 + kRankChunk < T ? t0 + kRankChunk : T;
+  if (e < E && col.need[e] > 0) {
+    const U prefix = static_cast<const U*>(col.key)[e];
+    const bool all = shift + 8 >= kBits;
+    for (int64_t t = t0 + y; t < t1; t += 8) {
+      if (map[t * E + e] == 0) continue;
+      const U k = order_key(probs[t * E + e]);
+      if (!all && (k >> (shift + 8)) != (prefix >> (shift + 8))) continue;
+      atomicAdd(&h[x][static_cast<int>((k >> shift) & U(255))], 1u);
     }
-    if (padded) {
-      map[t * E + e] = 1;
+  }
+  __syncthreads();
+  for (int i = y * kTile + x; i < kTile * 256; i += kTile * 8) {
+    const int64_t ee = blockIdx.y * int64_t(kTile) + i / 256;
+    const unsigned v = h[i / 256][i % 256];
+    if (v && ee < E) atomicAdd(hist + ee * 256 + i % 256, v);
+  }
+}
+
+// One block of 256 threads per column: the digit d with #{digits ≥ d} ≥ need > #{digits > d} among
+// the histogram; key[e] gains d at `shift` and need[e] drops by #{digits > d}. Zeroes its histogram
+// row for the next pass.
+template <class R>
+__global__ void __launch_bounds__(256) cap_select_kernel(CapColumns col, int shift, unsigned* __restrict__ hist) {
+  using U = CapKey<R>;
+  __shared__ int smem[256 / kWarp + 1];
+  const int64_t e = blockIdx.x;
+  const int k = col.need[e];
+  if (k <= 0) return;  // the whole block leaves together
+  const int d = 255 - static_cast<int>(threadIdx.x);  // thread 0 holds the top digit
+  const int v = static_cast<int>(hist[e * 256 + d]);
+  int total = 0;
+  const int above = block_exclusive_scan(v, smem, total);  // #{digits > d}
+  __syncthreads();
+  hist[e * 256 + d] = 0;
+  if (above < k && above + v >= k) {
+    U* key = static_cast<U*>(col.key);
+    key[e] |= static_cast<U>(d) << shift;
+    col.need[e] = k - above;
+  }
+}
+
+// The apply pass (see above). bases: routed (and, for selecting columns, gt and eq) ranks at the
+// chunk's first token.
+template <class R>
+__global__ void __launch_bounds__(kTile * kTile)
+    cap_apply_kernel(R* __restrict__ probs, uint8_t* __restrict__ map, int64_t T, int64_t E, int64_t cap,
+                     bool by_probs, bool pad, CapColumns col, const int32_t* __restrict__ routed_base,
+                     const int32_t* __restrict__ gt_base, const int32_t* __restrict__ eq_base) {
+  using U = CapKey<R>;
+  __shared__ uint8_t routed[kTile][kTile + 1];  // [token in tile][expert in tile]
+  __shared__ uint8_t action[kTile][kTile + 1];  // 0 keep as is, 1 drop, 2 pad
+  __shared__ U keys[kTile][kTile + 1];
+  const int x = threadIdx.x, y = threadIdx.y;
+  const int64_t c = blockIdx.x;
+  const int64_t e = blockIdx.y * int64_t(kTile) + x;   // load / store phase
+  const int64_t ey = blockIdx.y * int64_t(kTile) + y;  // the column warp y decides
+  const int64_t t0 = c * kRankChunk, t1 = t0 + kRankChunk < T ? t0 + kRankChunk : T;
+  // Column constants of warp y.
+  const int64_t full = cap < T ? cap : T;
+  int64_t n = 0, kept_n = 0, pad_need = 0, need = 0;
+  bool drop = false, select = false, active = false;
+  U xk = 0;
+  int64_t r_carry = 0, gt_carry = 0, eq_carry = 0;
+  if (ey < E) {
+    n = col.routed_total[ey];
+    drop = n > cap;
+    kept_n = n < cap ? n : cap;
+    pad_need = pad ? full - kept_n : 0;
+    active = drop || pad_need > 0;
+    select = drop && by_probs && cap > 0;
+    r_carry = routed_base[c * E + ey];
+    if (select) {
+      need = col.need[ey];
+      xk = static_cast<const U*>(col.key)[ey];
+      gt_carry = gt_base[c * E + ey];
+      eq_carry = eq_base[c * E + ey];
+    }
+  }
+  for (int64_t base = t0; base < t1; base += kTile) {  // every thread runs every round
+    const int64_t t = base + y;
+    const bool inside = t < t1 && e < E;
+    const bool rt = inside && map[t * E + e] != 0;
+    routed[y][x] = rt;
+    if (by_probs) keys[y][x] = rt ? order_key(probs[t * E + e]) : U(0);
+    __syncthreads();
+    // Decide phase: warp y, column ey; lane x is token base + x.
+    {
+      const int64_t tt = base + x;
+      const bool valid = tt < t1;
+      const bool r = routed[x][y] != 0;
+      const unsigned below = lanes_below();
+      const unsigned b_r = __ballot_sync(0xffffffffu, r);
+      const int64_t r_rank = r_carry + __popc(b_r & below);  // routed tokens before tt
+      bool kept = r;
+      int64_t kept_before = r_rank;
+      if (drop) {
+        if (cap == 0) {
+          kept = false;
+          kept_before = 0;
+        } else if (!select) {  // position: the earliest cap routed tokens
+          kept = r && r_rank < cap;
+          kept_before = r_rank < cap ? r_rank : cap;
+        } else {
+          const U k = keys[x][y];
+          const bool gt = r && k > xk, eq = r && k == xk;
+          const unsigned b_gt = __ballot_sync(0xffffffffu, gt), b_eq = __ballot_sync(0xffffffffu, eq);
+          const int64_t gt_rank = gt_carry + __popc(b_gt & below), eq_rank = eq_carry + __popc(b_eq & below);
+          kept = gt || (eq && eq_rank < need);
+          kept_before = gt_rank + (eq_rank < need ? eq_rank : need);
+          gt_carry += __popc(b_gt);
+          eq_carry += __popc(b_eq);
+        }
+      }
+      r_carry += __popc(b_r);
+      uint8_t act = 0;
+      if (active && valid) {
+        const int64_t free_rank = (tt - 0) - kept_before;  // tokens before tt that are not kept
+        if (r && !kept) act = 1;
+        if (!kept && pad_need > 0 && free_rank < pad_need) act = 2;
+      }
+      action[x][y] = act;
+    }
+    __syncthreads();
+    // Store phase (own slots only, as in the row map).
+    if (inside && action[y][x] != 0) {
+      map[t * E + e] = action[y][x] == 2 ? 1 : 0;
       probs[t * E + e] = R(0);
     }
   }
@@ -678,19 +822,69 @@ void cuda_z_loss_bwd(const ZLossArgs& a, const ExecCtx& ctx) {
   });
 }
 
-// Per expert column, O(T · bits) for the probs policy (a bitwise threshold search over the column,
-// then one scan); columns whose routed count fits the capacity and need no padding return at once.
-// Reads are strided by E (one column per block); fine at router sizes, a transpose would coalesce.
+// Count → select → scan → apply (see cap_apply_kernel): O(T·E) reads per pass, 3 + 2·(key bytes)
+// passes for the probs policy, 3 for position; all on the stream, no host synchronisation.
 void cuda_capacity(const CapacityArgs& a, const ExecCtx& ctx) {
   DeviceGuard g(ctx);
   dispatch_f32_f64(a.dtype, "capacity", "probs", [&](auto tag) {
     using R = typename decltype(tag)::type;
+    using U = CapKey<R>;
+    const char* op = "capacity";
     if (a.T == 0 || a.E == 0) return;
-    MOE_CHECK_CODE(a.T <= 0x7fffffffLL, ErrorCode::not_supported, "capacity: ", a.T,
+    MOE_CHECK_CODE(a.T <= 0x7fffffffLL, ErrorCode::not_supported, op, ": ", a.T,
                    " tokens exceed the CUDA kernel's 32-bit token counts");
-    capacity_kernel<R><<<grid_rows(a.E, "capacity"), kCapThreads, 0, stream_of(ctx)>>>(
-        static_cast<R*>(a.probs), a.routing_map, a.T, a.E, a.capacity, a.policy == DropPolicy::probs, a.pad);
-    MOE_CUDA_CHECK_LAUNCH("capacity_kernel");
+    MOE_CHECK_CODE(ceil_div(a.E, kTile) <= 65535, ErrorCode::not_supported, op, ": ", a.E,
+                   " experts exceed the CUDA grid (65535 tiles of 32)");
+    const int64_t E = a.E, nchunks = ceil_div(a.T, kRankChunk);
+    const int64_t cap = a.capacity < 0 ? 0 : a.capacity;
+    const bool by_probs = a.policy == DropPolicy::probs;
+    const size_t cells = static_cast<size_t>(nchunks * E);
+    cudaStream_t st = stream_of(ctx);
+    Scratch counts(ctx, cells * sizeof(int32_t) * (by_probs ? 2 : 1));
+    Scratch bases(ctx, cells * sizeof(int32_t) * (by_probs ? 3 : 1));
+    Scratch cols(ctx, static_cast<size_t>(E) * (2 * sizeof(int32_t) + sizeof(U)));
+    int32_t* cnt0 = counts.as<int32_t>();
+    int32_t* cnt1 = by_probs ? cnt0 + cells : nullptr;
+    int32_t* routed_base = bases.as<int32_t>();
+    int32_t* gt_base = by_probs ? routed_base + cells : nullptr;
+    int32_t* eq_base = by_probs ? routed_base + 2 * cells : nullptr;
+    CapColumns col;
+    col.key = cols.as<void>();  // U first: its alignment
+    col.routed_total = reinterpret_cast<int32_t*>(cols.as<char>() + static_cast<size_t>(E) * sizeof(U));
+    col.need = col.routed_total + E;
+    const dim3 grid(static_cast<unsigned>(nchunks), static_cast<unsigned>(ceil_div(E, kTile)));
+    const dim3 tile(kTile, kTile);
+    R* probs = static_cast<R*>(a.probs);
+
+    cap_count_kernel<R, 0><<<grid, tile, 0, st>>>(probs, a.routing_map, a.T, E, col, cnt0, nullptr);
+    MOE_CUDA_CHECK_LAUNCH("cap_count_kernel");
+    chunk_scan_kernel<int32_t><<<grid_rows(E, op), kScanThreads, 0, st>>>(cnt0, nchunks, E, nullptr, routed_base,
+                                                                          col.routed_total);
+    MOE_CUDA_CHECK_LAUNCH("chunk_scan_kernel");
+    if (by_probs) {
+      Scratch hist(ctx, static_cast<size_t>(E) * 256 * sizeof(unsigned));
+      MOE_CUDA_CHECK(cudaMemsetAsync(hist.as<void>(), 0, static_cast<size_t>(E) * 256 * sizeof(unsigned), st));
+      cap_select_init_kernel<R><<<grid_for(E, 256), 256, 0, st>>>(col, E, cap);
+      MOE_CUDA_CHECK_LAUNCH("cap_select_init_kernel");
+      for (int shift = static_cast<int>(sizeof(U) * 8) - 8; shift >= 0; shift -= 8) {
+        cap_hist_kernel<R><<<grid, dim3(kTile, 8), 0, st>>>(probs, a.routing_map, a.T, E, col, shift,
+                                                            hist.as<unsigned>());
+        MOE_CUDA_CHECK_LAUNCH("cap_hist_kernel");
+        cap_select_kernel<R><<<grid_rows(E, op), 256, 0, st>>>(col, shift, hist.as<unsigned>());
+        MOE_CUDA_CHECK_LAUNCH("cap_select_kernel");
+      }
+      cap_count_kernel<R, 1><<<grid, tile, 0, st>>>(probs, a.routing_map, a.T, E, col, cnt0, cnt1);
+      MOE_CUDA_CHECK_LAUNCH("cap_count_kernel");
+      chunk_scan_kernel<int32_t><<<grid_rows(E, op), kScanThreads, 0, st>>>(cnt0, nchunks, E, nullptr, gt_base,
+                                                                            nullptr);
+      MOE_CUDA_CHECK_LAUNCH("chunk_scan_kernel");
+      chunk_scan_kernel<int32_t><<<grid_rows(E, op), kScanThreads, 0, st>>>(cnt1, nchunks, E, nullptr, eq_base,
+                                                                            nullptr);
+      MOE_CUDA_CHECK_LAUNCH("chunk_scan_kernel");
+    }
+    cap_apply_kernel<R><<<grid, tile, 0, st>>>(probs, a.routing_map, a.T, E, cap, by_probs, a.pad, col, routed_base,
+                                               gt_base, eq_base);
+    MOE_CUDA_CHECK_LAUNCH("cap_apply_kernel");
   });
 }
 

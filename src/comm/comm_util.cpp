@@ -89,6 +89,10 @@ class SingleCommunicator final : public Communicator {
     out.copy_from(in);
   }
   void broadcast(Tensor& t, int root) override { check_broadcast(*this, t, root); }
+  void batch_send_recv(const std::vector<P2POp>& ops) override {
+    check_batch_send_recv(*this, ops);
+    copy_self_transfers(*this, ops);
+  }
   void barrier() override {}
   std::shared_ptr<Communicator> split(int color, int key, const std::string& name) override {
     check_split(*this, color, name);
@@ -197,6 +201,40 @@ void check_split(const Communicator& c, int color, const std::string& name) {
   MOE_CHECK(!name.empty(), "split of ", group_desc(c), ": the new group needs a name");
 }
 
+void check_batch_send_recv(const Communicator& c, const std::vector<P2POp>& ops) {
+  for (size_t i = 0; i < ops.size(); ++i) {
+    const P2POp& op = ops[i];
+    const char* kind = op.kind == P2POp::Kind::send ? "send" : "recv";
+    MOE_CHECK(op.kind == P2POp::Kind::send || op.kind == P2POp::Kind::recv, "batch_send_recv on ", group_desc(c),
+              ": op ", i, " has an unknown kind ", static_cast<int>(op.kind));
+    MOE_CHECK(op.tensor.defined(), "batch_send_recv on ", group_desc(c), ": op ", i, " (", kind,
+              ") has an undefined tensor");
+    MOE_CHECK(op.peer >= 0 && op.peer < c.size(), "batch_send_recv on ", group_desc(c), ": op ", i, " (", kind,
+              ") names peer ", op.peer, ", which is not a rank of the group (expected 0 <= peer < ", c.size(), ")");
+    if (op.kind != P2POp::Kind::recv) continue;
+    for (size_t j = 0; j < ops.size(); ++j)
+      MOE_CHECK(j == i || !overlaps(op.tensor, ops[j].tensor), "batch_send_recv on ", group_desc(c), ": the receive ",
+                "buffer of op ", i, " ", op.tensor.desc(), " overlaps the tensor of op ", j, " ", ops[j].tensor.desc());
+  }
+}
+
+void copy_self_transfers(const Communicator& c, const std::vector<P2POp>& ops) {
+  std::vector<const P2POp*> sends, recvs;
+  for (const P2POp& op : ops) {
+    if (op.peer != c.rank()) continue;
+    (op.kind == P2POp::Kind::send ? sends : recvs).push_back(&op);
+  }
+  MOE_CHECK(recvs.size() <= sends.size(), "batch_send_recv on ", group_desc(c), ": ", recvs.size(),
+            " receive(s) from this rank itself but only ", sends.size(), " send(s) to it in the batch");
+  for (size_t k = 0; k < recvs.size(); ++k) {
+    const Tensor& src = sends[k]->tensor;
+    Tensor dst = recvs[k]->tensor;
+    MOE_CHECK(src.dtype() == dst.dtype() && src.shape() == dst.shape(), "batch_send_recv on ", group_desc(c),
+              ": send ", k, " to this rank itself is ", src.desc(), " but the matching receive expects ", dst.desc());
+    if (dst.nbytes() > 0) dst.copy_from(src);
+  }
+}
+
 std::vector<int64_t> row_offsets(const std::vector<int64_t>& rows, int64_t* total) {
   std::vector<int64_t> off(rows.size());
   int64_t acc = 0;
@@ -213,6 +251,19 @@ bool overlaps(const Tensor& a, const Tensor& b) {
   auto pa = reinterpret_cast<uintptr_t>(a.data()), pb = reinterpret_cast<uintptr_t>(b.data());
   return pa < pb + b.nbytes() && pb < pa + a.nbytes();
 }
+
+}  // namespace moe::comm
+
+namespace moe {
+
+void Communicator::batch_send_recv(const std::vector<P2POp>&) {
+  MOE_THROW(ErrorCode::not_supported, "batch_send_recv on ", comm::group_desc(*this), ": the '", backend_name(),
+            "' communicator has no point-to-point transfers");
+}
+
+}  // namespace moe
+
+namespace moe::comm {
 
 [[noreturn]] void throw_timeout(const Communicator& c, const char* op, const char* phase, double seconds) {
   std::ostringstream os;

@@ -45,6 +45,13 @@ RowInfo check_all_to_all_v(const Communicator& c, const Tensor& in, const std::v
                            const Tensor& out, const std::vector<int64_t>& recv_rows);
 void check_broadcast(const Communicator& c, const Tensor& t, int root);
 void check_split(const Communicator& c, int color, const std::string& name);
+// Every op's tensor defined and its peer a rank of the group; receives must not overlap any other
+// op's tensor.
+void check_batch_send_recv(const Communicator& c, const std::vector<P2POp>& ops);
+// Sends and receives of a batch to this rank itself, paired in order (the k-th send to self with the
+// k-th receive from self): sizes must agree, and every self receive needs its send in the batch
+// (it could never complete otherwise). Copies the bytes (host or device alike).
+void copy_self_transfers(const Communicator& c, const std::vector<P2POp>& ops);
 
 // Exclusive prefix sum: offsets[r] = Σ_{q<r} rows[q]; returns the total in *total when given.
 std::vector<int64_t> row_offsets(const std::vector<int64_t>& rows, int64_t* total = nullptr);

@@ -225,6 +225,7 @@ struct Codec<std::optional<T>> {
   // Only to word the error as "X or null" rather than "X".
   static bool matches(const json& j) {
     if constexpr (std::is_same_v<T, std::string>) return j.is_string();
+    else if constexpr (std::is_same_v<T, bool>) return j.is_boolean();
     else return j.is_number();
   }
 };
@@ -273,6 +274,7 @@ struct Codec<std::vector<T>> {
 using FieldPtr = std::variant<int64_t MoEConfig::*, uint64_t MoEConfig::*, double MoEConfig::*, bool MoEConfig::*,
                               std::string MoEConfig::*, std::optional<int64_t> MoEConfig::*,
                               std::optional<double> MoEConfig::*, std::optional<std::string> MoEConfig::*,
+                              std::optional<bool> MoEConfig::*,
                               std::vector<std::string> MoEConfig::*, std::vector<double> MoEConfig::*,
                               std::vector<int64_t> MoEConfig::*>;
 
@@ -337,6 +339,8 @@ const std::vector<KeyInfo>& key_table() {
       MOE_CONFIG_KEY(tensor_model_parallel_size),
       MOE_CONFIG_KEY(context_parallel_size),
       MOE_CONFIG_KEY(pipeline_model_parallel_size),
+      MOE_CONFIG_KEY(decoder_first_pipeline_num_layers),
+      MOE_CONFIG_KEY(decoder_last_pipeline_num_layers),
       MOE_CONFIG_KEY(expert_model_parallel_size),
       MOE_CONFIG_KEY(expert_tensor_parallel_size),
       MOE_CONFIG_KEY(moe_token_dispatcher_type),
@@ -345,6 +349,8 @@ const std::vector<KeyInfo>& key_table() {
       // memory
       MOE_CONFIG_KEY(recompute_granularity),
       MOE_CONFIG_KEY(recompute_modules),
+      MOE_CONFIG_KEY(recompute_method),
+      MOE_CONFIG_KEY(recompute_num_layers),
       MOE_CONFIG_KEY(fine_grained_activation_offloading),
       MOE_CONFIG_KEY(offload_modules),
   };
@@ -463,6 +469,22 @@ void set_config_value(MoEConfig& config, const std::string& key, const std::stri
 
 bool is_config_key(const std::string& key) { return find_key(normalize_key(key)) != nullptr; }
 
+ConfigKeyShape config_key_shape(const std::string& key) {
+  const KeyInfo* info = find_key(normalize_key(key));
+  if (!info) unknown_key("", key);
+  const MoEConfig probe;
+  return std::visit(
+      [&probe](auto member) {
+        using T = std::remove_cvref_t<decltype(probe.*member)>;
+        if constexpr (std::is_same_v<T, bool> || std::is_same_v<T, std::optional<bool>>) return ConfigKeyShape::boolean;
+        else if constexpr (std::is_same_v<T, std::vector<std::string>> || std::is_same_v<T, std::vector<double>> ||
+                           std::is_same_v<T, std::vector<int64_t>>)
+          return ConfigKeyShape::list;
+        else return ConfigKeyShape::scalar;
+      },
+      info->field);
+}
+
 std::vector<std::string> config_keys() {
   std::vector<std::string> out;
   for (const KeyInfo& k : key_table()) out.emplace_back(k.name);
@@ -535,6 +557,11 @@ void validate(const MoEConfig& c) {
                      "moe_router_enable_expert_bias = true requires moe_router_score_function in "
                      "['sigmoid', 'sqrtsoftplus'], got moe_router_score_function = '", sf, "'");
   require_non_negative("moe_router_bias_update_rate", c.moe_router_bias_update_rate);
+  if (c.moe_router_topk_scaling_factor)
+    MOE_CONFIG_REQUIRE(std::isfinite(*c.moe_router_topk_scaling_factor) && *c.moe_router_topk_scaling_factor > 0.0,
+                       "moe_router_topk_scaling_factor must be a finite number > 0 or null (no scaling), got "
+                       "moe_router_topk_scaling_factor = ",
+                       *c.moe_router_topk_scaling_factor);
 
   // ---- group-limited routing ----
   const auto& G = c.moe_router_num_groups;
@@ -593,8 +620,9 @@ void validate(const MoEConfig& c) {
                        *c.moe_shared_expert_intermediate_size);
   MOE_CONFIG_REQUIRE(!c.moe_shared_expert_gate || c.has_shared_expert(),
                      "moe_shared_expert_gate = true requires moe_shared_expert_intermediate_size, got null");
-  MOE_CONFIG_REQUIRE(!c.moe_shared_expert_overlap || c.has_shared_expert(),
-                     "moe_shared_expert_overlap = true requires moe_shared_expert_intermediate_size, got null");
+  MOE_CONFIG_REQUIRE(!c.moe_shared_expert_overlap,
+                     "moe_shared_expert_overlap = true is not supported: overlapping the shared expert with the "
+                     "token dispatch on a side stream is not implemented (set it to false; the results are the same)");
 
   // ---- experts and numerics ----
   require_one_of("activation_func", c.activation_func, {"gelu", "silu", "relu2", "squared_relu"});
@@ -608,7 +636,15 @@ void validate(const MoEConfig& c) {
   require_positive("pipeline_model_parallel_size", c.pipeline_model_parallel_size);
   require_positive("expert_model_parallel_size", c.expert_model_parallel_size);
   if (c.expert_tensor_parallel_size) require_positive("expert_tensor_parallel_size", *c.expert_tensor_parallel_size);
+  MOE_CONFIG_REQUIRE(c.moe_token_dispatcher_type != "flex",
+                     "moe_token_dispatcher_type = 'flex' is not supported: the flex dispatcher (DeepEP / HybridEP) "
+                     "is not implemented; use 'alltoall' or 'allgather'");
   require_one_of("moe_token_dispatcher_type", c.moe_token_dispatcher_type, {"allgather", "alltoall"});
+  MOE_CONFIG_REQUIRE(c.sequence_parallel.value_or(true) || c.tensor_model_parallel_size == 1,
+                     "sequence_parallel = false with tensor_model_parallel_size = ", c.tensor_model_parallel_size,
+                     " is not supported: with tensor parallelism the MoE layer and the model always run "
+                     "sequence-parallel (Megatron requires sequence parallelism for MoE training with TP > 1); "
+                     "leave sequence_parallel unset or set it to true");
   {
     std::vector<std::string> axes = split(c.parallel_order, '-');
     std::vector<std::string> sorted = axes, expected = kParallelAxes;
@@ -620,6 +656,21 @@ void validate(const MoEConfig& c) {
 
   // ---- memory ----
   require_one_of("recompute_granularity", c.recompute_granularity, {"", "selective", "full"});
+  MOE_CONFIG_REQUIRE(c.recompute_granularity != "full",
+                     "recompute_granularity = 'full' is not supported: full-layer recompute is not implemented; use "
+                     "'selective' with recompute_modules (moe_act, shared_experts, moe)");
+  if (c.recompute_method) {
+    require_one_of("recompute_method", *c.recompute_method, {"uniform", "block"});
+    MOE_CONFIG_REQUIRE(false, "recompute_method = '", *c.recompute_method,
+                       "' is not supported: it chooses the layers of recompute_granularity = 'full', which is not "
+                       "implemented (leave recompute_method null)");
+  }
+  if (c.recompute_num_layers) {
+    require_positive("recompute_num_layers", *c.recompute_num_layers);
+    MOE_CONFIG_REQUIRE(false, "recompute_num_layers = ", *c.recompute_num_layers,
+                       " is not supported: it counts the layers of recompute_granularity = 'full', which is not "
+                       "implemented (leave recompute_num_layers null)");
+  }
   require_all_of("recompute_modules", c.recompute_modules, {"moe_act", "shared_experts", "moe"});
   require_all_of("offload_modules", c.offload_modules, {"expert_fc1", "moe_act", "shared_experts"});
   MOE_CONFIG_REQUIRE(c.offload_modules.empty() || c.fine_grained_activation_offloading,
@@ -632,14 +683,18 @@ void validate_parallel(const MoEConfig& c, int64_t world_size) {
   validate(c);
   const int64_t W = world_size, TP = c.tensor_model_parallel_size, CP = c.context_parallel_size,
                 PP = c.pipeline_model_parallel_size, EP = c.expert_model_parallel_size, ETP = c.etp();
+  // One process (also a layer or model built without process groups): every size must be 1.
+  const char* one_note = W == 1 ? " (one process, or a layer or model built without process groups: every "
+                                  "parallel size must be 1)"
+                                : "";
   MOE_CONFIG_REQUIRE(W % (TP * CP * PP) == 0, "world size ", W,
                      " is not divisible by tensor_model_parallel_size·context_parallel_size·"
                      "pipeline_model_parallel_size = ",
-                     TP * CP * PP, " (", TP, "·", CP, "·", PP, ")");
+                     TP * CP * PP, " (", TP, "·", CP, "·", PP, ")", one_note);
   MOE_CONFIG_REQUIRE(W % (ETP * EP * PP) == 0, "world size ", W,
                      " is not divisible by expert_tensor_parallel_size·expert_model_parallel_size·"
                      "pipeline_model_parallel_size = ",
-                     ETP * EP * PP, " (", ETP, "·", EP, "·", PP, ")");
+                     ETP * EP * PP, " (", ETP, "·", EP, "·", PP, ")", one_note);
   MOE_CONFIG_REQUIRE(c.num_moe_experts % EP == 0, "num_moe_experts = ", c.num_moe_experts,
                      " is not divisible by expert_model_parallel_size = ", EP);
   const char* glu_note = c.gated_linear_unit ? " (with gated_linear_unit each half of fc1's outputs is split alike)" : "";
@@ -734,6 +789,40 @@ void validate_model(const MoEConfig& config, int64_t world_size) {
   MOE_CONFIG_REQUIRE(c.attention_dropout == 0.0, "attention_dropout = ", c.attention_dropout,
                      " is not supported: the model has no dropout (set attention_dropout = 0)");
   require_positive("num_microbatches", c.num_microbatches);
+  // Pipeline stages (Megatron's TransformerConfig rules for an even or uneven split).
+  const int64_t PP = c.pipeline_model_parallel_size;
+  require_positive("pipeline_model_parallel_size", PP);
+  const auto& first_n = c.decoder_first_pipeline_num_layers;
+  const auto& last_n = c.decoder_last_pipeline_num_layers;
+  if (!first_n && !last_n) {
+    MOE_CONFIG_REQUIRE(L % PP == 0, "num_layers = ", L, " must be divisible by pipeline_model_parallel_size = ", PP,
+                       " (each stage holds num_layers / PP layers; set decoder_first_pipeline_num_layers / "
+                       "decoder_last_pipeline_num_layers for an uneven split)");
+  } else {
+    MOE_CONFIG_REQUIRE(PP > 1, "decoder_first_pipeline_num_layers / decoder_last_pipeline_num_layers need "
+                       "pipeline_model_parallel_size > 1, got pipeline_model_parallel_size = ", PP,
+                       " (leave them null)");
+    int64_t middle_layers = L, middle_stages = PP;
+    if (first_n) {
+      MOE_CONFIG_REQUIRE(*first_n > 0, "decoder_first_pipeline_num_layers must be > 0, got ", *first_n);
+      middle_layers -= *first_n;
+      middle_stages -= 1;
+    }
+    if (last_n) {
+      MOE_CONFIG_REQUIRE(*last_n > 0, "decoder_last_pipeline_num_layers must be > 0, got ", *last_n);
+      middle_layers -= *last_n;
+      middle_stages -= 1;
+    }
+    MOE_CONFIG_REQUIRE(middle_layers >= 0 && (middle_layers > 0) == (middle_stages > 0) &&
+                           (middle_stages == 0 || middle_layers % middle_stages == 0),
+                       "num_layers = ", L, " with decoder_first_pipeline_num_layers = ",
+                       first_n ? std::to_string(*first_n) : std::string("null"),
+                       " and decoder_last_pipeline_num_layers = ",
+                       last_n ? std::to_string(*last_n) : std::string("null"), " leaves ", middle_layers,
+                       " layers for the ", middle_stages, " other stage(s) of pipeline_model_parallel_size = ", PP,
+                       ": the stages between the first and the last must hold them evenly, at least one layer ",
+                       "each, and no layer may be left when there is no such stage");
+  }
   validate(c);
   if (world_size <= 0) return;
   validate_parallel(c, world_size);
@@ -750,9 +839,6 @@ void validate_model(const MoEConfig& config, int64_t world_size) {
   if (CP > 1)
     MOE_CONFIG_REQUIRE(S % (2 * CP) == 0, "seq_length = ", S, " must be divisible by 2·context_parallel_size = ",
                        2 * CP, " (context parallelism splits the sequence into 2·CP load-balanced chunks)");
-  MOE_CONFIG_REQUIRE(c.pipeline_model_parallel_size == 1, "pipeline_model_parallel_size = ",
-                     c.pipeline_model_parallel_size, " is not supported by the model yet (pipeline stages are ",
-                     "not implemented): use 1");
 }
 
 #undef MOE_CONFIG_REQUIRE

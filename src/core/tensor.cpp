@@ -1,6 +1,7 @@
 #include "moecore/tensor.h"
 
 #include <cstring>
+#include <memory>
 #include <sstream>
 
 #include "moecore/backend.h"
@@ -101,6 +102,11 @@ namespace {
 bool on_host(const Tensor& t) { return t.device().is_cpu() || t.memory_kind() == MemoryKind::pinned_host; }
 }  // namespace
 
+// The copy runs on the stream of the backend that owns device memory in it: the destination's for
+// host→device and device→device, the source's for device→host (so it is ordered after the work that
+// wrote the source). Between two devices (device memory on both) the destination's stream first
+// waits for the source device's current stream (the work that wrote the source), and the source's
+// stream then waits for the copy (so the source is not overwritten or freed while it is read).
 void Tensor::copy_from(const Tensor& src) {
   MOE_CHECK(defined() && src.defined(), "Tensor::copy_from: undefined tensor");
   MOE_CHECK(src.dtype_ == dtype_ && src.numel_ == numel_, "Tensor::copy_from: expected ", desc(),
@@ -112,9 +118,22 @@ void Tensor::copy_from(const Tensor& src) {
     std::memmove(data(), src.data(), bytes);
     return;
   }
-  Device dev = !device().is_cpu() ? device() : src.device();
   CopyKind kind = dh ? (sh ? CopyKind::host_to_host : CopyKind::device_to_host)
                      : (sh ? CopyKind::host_to_device : CopyKind::device_to_device);
+  Device dev = device();
+  if (kind == CopyKind::device_to_host || (kind == CopyKind::host_to_host && device().is_cpu())) dev = src.device();
+  if (kind == CopyKind::device_to_device && src.device() != device()) {
+    Backend& sb = get_backend(src.device());
+    Backend& db = get_backend(device());
+    std::unique_ptr<Event> written = sb.create_event();
+    written->record(sb.current_stream());
+    written->wait(db.current_stream());
+    db.copy(data(), src.data(), bytes, kind);
+    std::unique_ptr<Event> read = db.create_event();
+    read->record(db.current_stream());
+    read->wait(sb.current_stream());
+    return;
+  }
   get_backend(dev).copy(data(), src.data(), bytes, kind);
 }
 
@@ -135,9 +154,8 @@ void Tensor::copy_to_host(void* dst, size_t bytes) const {
     std::memcpy(dst, data(), bytes);
     return;
   }
-  Backend& b = get_backend(device());
-  b.copy(dst, data(), bytes, on_host(*this) ? CopyKind::host_to_host : CopyKind::device_to_host);
-  b.current_stream().synchronize();
+  // Both copy kinds wait for the stream before returning (Backend::copy), so the host may read dst.
+  get_backend(device()).copy(dst, data(), bytes, on_host(*this) ? CopyKind::host_to_host : CopyKind::device_to_host);
 }
 
 void Tensor::zero_() {

@@ -1,5 +1,9 @@
 #include "moecore/activation_store.h"
 
+#include <cstddef>
+#include <memory>
+#include <utility>
+
 #include "moecore/backend.h"
 #include "moecore/error.h"
 
@@ -12,6 +16,38 @@ const char* save_policy_name(SavePolicy p) {
     case SavePolicy::offload: return "offload";
   }
   return "?";
+}
+
+ActivationStore::InFlight& ActivationStore::InFlight::operator=(InFlight&& o) noexcept {
+  if (this != &o) {
+    wait_all();
+    entries_ = std::move(o.entries_);
+    o.entries_.clear();
+  }
+  return *this;
+}
+
+ActivationStore::InFlight::~InFlight() { wait_all(); }
+
+void ActivationStore::InFlight::reap() {
+  for (size_t i = 0; i < entries_.size();) {
+    if (entries_[i].done->query()) {
+      entries_.erase(entries_.begin() + static_cast<std::ptrdiff_t>(i));
+    } else {
+      ++i;
+    }
+  }
+}
+
+void ActivationStore::InFlight::wait_all() {
+  for (Entry& e : entries_) {
+    try {
+      e.done->synchronize();
+    } catch (const std::exception&) {
+      // A failed wait (a broken device) leaves nothing to protect; the buffer is freed below.
+    }
+  }
+  entries_.clear();
 }
 
 void ActivationStore::set_policy(const std::string& slot_or_prefix, SavePolicy policy) {
@@ -34,6 +70,7 @@ SavePolicy ActivationStore::policy(const std::string& slot) const {
 
 void ActivationStore::save(const std::string& name, const Tensor& t, Regenerate regen) {
   MOE_CHECK(t.defined(), "ActivationStore::save: slot '", name, "' given an undefined tensor");
+  in_flight_.reap();
   Slot s;
   s.policy = policy(name);
   if (s.policy == SavePolicy::recompute && !regen) s.policy = SavePolicy::keep;
@@ -70,10 +107,17 @@ Tensor ActivationStore::get(const std::string& name) {
     s.device = s.regen();
     ++regenerations_;
   } else if (s.policy == SavePolicy::offload) {
+    // The host→device copy is asynchronous on the home device's current stream: keep the pinned
+    // source alive until an event recorded after it has completed.
     s.device = s.host.to(s.home, MemoryKind::device);
+    Backend& b = get_backend(s.home);
+    std::unique_ptr<Event> done = b.create_event();
+    done->record(b.current_stream());
+    in_flight_.add(std::move(s.host), std::move(done));
     s.host = Tensor();
     ++reloads_;
   }
+  in_flight_.reap();
   MOE_CHECK_CODE(s.device.defined(), ErrorCode::internal, "ActivationStore::get: slot '", name, "' is empty");
   return s.device;
 }
@@ -86,7 +130,10 @@ void ActivationStore::prefetch(const std::string& name) {
 
 void ActivationStore::drop(const std::string& name) { slots_.erase(name); }
 
-void ActivationStore::clear() { slots_.clear(); }
+void ActivationStore::clear() {
+  slots_.clear();
+  in_flight_.reap();
+}
 
 int64_t ActivationStore::device_bytes() const {
   int64_t b = 0;

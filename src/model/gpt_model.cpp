@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
 
 #include "device/ops.h"
 #include "model/modules.h"
@@ -62,31 +63,72 @@ SequenceLayout SequenceLayout::make(int64_t S, int64_t cp, int64_t tp, int64_t c
   return l;
 }
 
-// One transformer layer: its norms, attention, MLP (dense or MoE) and its slots.
+StageLayers pipeline_stage_layers(const MoEConfig& c, int64_t pp_rank) {
+  const int64_t PP = c.pipeline_model_parallel_size, L = c.num_layers;
+  MOE_CHECK(PP >= 1 && pp_rank >= 0 && pp_rank < PP, "pipeline_stage_layers: stage ", pp_rank,
+            " out of range for pipeline_model_parallel_size ", PP);
+  const auto& f = c.decoder_first_pipeline_num_layers;
+  const auto& l = c.decoder_last_pipeline_num_layers;
+  StageLayers s;
+  if (!f && !l) {
+    MOE_CHECK(L % PP == 0, "pipeline_stage_layers: num_layers ", L, " is not divisible by pipeline_model_parallel_size ",
+              PP);
+    s.count = L / PP;
+    s.first = pp_rank * s.count;
+    return s;
+  }
+  // Megatron's get_num_layers_to_build / get_transformer_layer_offset for an uneven split.
+  const int64_t f_n = f.value_or(0), l_n = l.value_or(0);
+  const int64_t middle_stages = PP - (f ? 1 : 0) - (l ? 1 : 0), middle_layers = L - f_n - l_n;
+  const int64_t per_middle = middle_stages > 0 ? middle_layers / middle_stages : 0;
+  if (pp_rank == 0 && f) {
+    s.count = f_n;
+  } else if (pp_rank == PP - 1 && l) {
+    s.count = l_n;
+  } else {
+    s.count = per_middle;
+  }
+  s.first = pp_rank == 0 ? 0 : f_n + (pp_rank - (f ? 1 : 0)) * per_middle;
+  MOE_CHECK(s.first >= 0 && s.count >= 0 && s.first + s.count <= L, "pipeline_stage_layers: stage ", pp_rank,
+            " gets layers [", s.first, ", ", s.first + s.count, ") outside the model's ", L,
+            " (validate_model refuses this split)");
+  return s;
+}
+
+// One transformer layer of this stage: its norms, attention and MLP (dense or MoE).
 struct TransformerLayer {
+  int64_t index = 0;  // over the whole model
   std::unique_ptr<Norm> input_norm, pre_mlp_norm;
   std::unique_ptr<SelfAttention> attention;
   std::unique_ptr<MoELayer> moe;          // MoE layers
   std::unique_ptr<SharedExperts> dense;   // dense layers (the MLP of Megatron's local spec)
-  ActivationStore store;
-  int64_t s_loc = 0, b = 0;
+};
+
+// What a pending forward of one micro-batch keeps for its backward. Created in place in the map
+// and never moved: the dense MLPs' regenerate functions hold references to the stores.
+struct MicroState {
+  explicit MicroState(size_t num_layers) : layer_stores(num_layers) {}
+  SeqBatch seq;
+  ForwardContext ctx;
+  Tensor ids, pos_ids, labels;     // (S_cp·b), (s_loc·b), (S_cp·b) i64 on the device (first / last stage)
+  std::vector<double> mask;        // (S_cp·b) host (last stage)
+  double mask_sum = 0;             // Σ mask over the micro-batch (all CP ranks)
+  Tensor logits, row_max, sums;    // (S_cp·b, V/TP), (S_cp·b), (2, S_cp·b): sum_exp, target (last stage)
+  ActivationStore head_store;      // embedding and output layer slots
+  std::vector<ActivationStore> layer_stores;  // one per local layer: norm, attention, dense-MLP slots
+  bool pending = false;
 };
 
 struct MoEGPTModel::Impl {
   std::shared_ptr<Communicator> tp, cp;
   int64_t V = 0, V_local = 0, vocab_start = 0;
-  Parameter word, position, output;  // output defined only when untied
-  std::vector<TransformerLayer> layers;
-  std::unique_ptr<Norm> final_norm;
-  ActivationStore head_store;  // embedding and output layer slots
-  // The pending forward.
-  SeqBatch seq;
-  ForwardContext ctx;
-  Tensor ids, pos_ids, labels;     // (S_cp·b), (s_loc·b), (S_cp·b) i64 on the device
-  std::vector<double> mask;        // (S_cp·b) host
-  double mask_sum = 0;             // Σ mask over the micro-batch (all CP ranks)
-  Tensor logits, row_max, sums;    // (S_cp·b, V/TP), (S_cp·b), (2, S_cp·b): sum_exp, target
-  bool pending = false;
+  // word: the embedding on the first stage; on the last stage of a pipeline with tied embeddings,
+  // its copy (the output layer). output: defined only when untied (last stage).
+  Parameter word, position, output;
+  std::vector<TransformerLayer> layers;  // this stage's
+  std::unique_ptr<Norm> final_norm;      // last stage
+  std::map<int64_t, MicroState> micro;   // pending forwards by micro-batch
+  std::vector<int64_t> order;            // pending micro-batches in forward order
 
   Parameter& out_weight() { return output.value.defined() ? output : word; }
 };
@@ -113,55 +155,126 @@ MoEGPTModel::MoEGPTModel(const MoEConfig& config, Device device, std::shared_ptr
   if (groups_ && W > 1) {
     m.tp = groups_->group_ptr(GroupKind::tp);
     m.cp = groups_->group_ptr(GroupKind::cp);
+    pp_size_ = groups_->pp().size();
+    pp_rank_ = groups_->pp().rank();
   }
+  MOE_CHECK(pp_size_ == config_.pipeline_model_parallel_size, "MoEGPTModel: the process groups have ", pp_size_,
+            " pipeline stages but the config asks for pipeline_model_parallel_size = ",
+            config_.pipeline_model_parallel_size);
+  stage_ = pipeline_stage_layers(config_, pp_rank_);
   const int64_t tp = m.tp ? m.tp->size() : 1, tp_rank = m.tp ? m.tp->rank() : 0;
   const int64_t cp = m.cp ? m.cp->size() : 1, cp_rank = m.cp ? m.cp->rank() : 0;
   layout_ = SequenceLayout::make(config_.seq_length, cp, tp, cp_rank, tp_rank);
 
   const MoEConfig& c = config_;
-  const int64_t H = c.hidden_size, L = c.num_layers;
+  const int64_t H = c.hidden_size;
   const DType dt = dtype_from_name(c.params_dtype);
+  const bool first = is_first_stage(), last = is_last_stage(), tied = !c.untie_embeddings_and_output_weights;
   m.V = c.vocab_size;
   m.V_local = m.V / tp;
   m.vocab_start = tp_rank * m.V_local;
   const std::vector<DimShard> vocab_shard = {DimShard{0, m.vocab_start, m.V_local, false}};
-  m.word = make_parameter("embedding.word_embeddings.weight", {m.V, H}, vocab_shard, dt, device, c.seed,
-                          c.init_method_std, GradGroup::dense);
-  if (c.position_embedding_type == "learned_absolute")
+  // Both ends of a pipeline draw the word embedding from its canonical name: the copies start equal
+  // (Megatron zeroes the last stage's copy and all-reduces it over the embedding group instead).
+  if (first || (last && tied))
+    m.word = make_parameter("embedding.word_embeddings.weight", {m.V, H}, vocab_shard, dt, device, c.seed,
+                            c.init_method_std, GradGroup::dense);
+  if (first && c.position_embedding_type == "learned_absolute")
     m.position = make_parameter("embedding.position_embeddings.weight", {c.seq_length, H}, {}, dt, device, c.seed,
                                 c.init_method_std, GradGroup::sequence_parallel);
-  for (int64_t i = 0; i < L; ++i) {
+  for (int64_t i = stage_.first; i < stage_.first + stage_.count; ++i) {
     const std::string pre = "decoder.layers." + std::to_string(i) + ".";
     TransformerLayer layer;
+    layer.index = i;
     layer.input_norm = std::make_unique<Norm>(c, device, pre + "input_layernorm", H);
     layer.attention = std::make_unique<SelfAttention>(c, device, pre + "self_attention.", m.tp, m.cp);
     layer.pre_mlp_norm = std::make_unique<Norm>(c, device, pre + "pre_mlp_layernorm", H);
     if (c.is_moe_layer(i))
-      layer.moe = std::make_unique<MoELayer>(c, device, groups_ && W > 1 ? groups_ : nullptr, i, pre + "mlp.");
+      layer.moe = std::make_unique<MoELayer>(c, device, groups_ && W > 1 ? groups_ : nullptr, i, pre + "mlp.",
+                                             /*pipeline_stage=*/true);
     else
       layer.dense = std::make_unique<SharedExperts>(c, device, m.tp, "mlp.", MlpSpec{pre + "mlp.", c.dense_ffn(), false});
     m.layers.push_back(std::move(layer));
   }
-  m.final_norm = std::make_unique<Norm>(c, device, "decoder.final_layernorm", H);
-  if (c.untie_embeddings_and_output_weights)
-    m.output = make_parameter("output_layer.weight", {m.V, H}, vocab_shard, dt, device, c.seed, c.init_method_std,
-                              GradGroup::dense);
+  if (last) {
+    m.final_norm = std::make_unique<Norm>(c, device, "decoder.final_layernorm", H);
+    if (!tied)
+      m.output = make_parameter("output_layer.weight", {m.V, H}, vocab_shard, dt, device, c.seed, c.init_method_std,
+                                GradGroup::dense);
+  }
+  // Megatron's embedding group: the first and last stage of each pipeline (split off the world by
+  // every rank; the others land in groups of their own).
+  if (pp_size_ > 1 && tied) {
+    const RankLayout& lay = groups_->layout();
+    const int me = groups_->rank();
+    const int color = (first || last) ? lay.group_index(GroupKind::pp, me)
+                                      : static_cast<int>(lay.of(GroupKind::pp).size()) + me;
+    std::shared_ptr<Communicator> g = groups_->world().split(color, static_cast<int>(pp_rank_), "embedding");
+    if (first || last) embedding_group_ = std::move(g);
+  }
 }
 
 MoEGPTModel::~MoEGPTModel() = default;
 
-int64_t MoEGPTModel::num_layers() const { return static_cast<int64_t>(impl_->layers.size()); }
+int64_t MoEGPTModel::num_layers() const { return config_.num_layers; }
 
 MoELayer* MoEGPTModel::moe_layer(int64_t layer) {
   MOE_CHECK(layer >= 0 && layer < num_layers(), "MoEGPTModel::moe_layer: layer ", layer, " out of range [0, ",
             num_layers(), ")");
-  return impl_->layers[static_cast<size_t>(layer)].moe.get();
+  if (!has_layer(layer)) return nullptr;
+  return impl_->layers[static_cast<size_t>(layer - stage_.first)].moe.get();
+}
+
+Parameter* MoEGPTModel::shared_embedding_copy() {
+  return pp_size_ > 1 && is_last_stage() && impl_->word.value.defined() ? &impl_->word : nullptr;
 }
 
 double MoEGPTModel::forward(const MicroBatch& batch, const ForwardContext& ctx, bool keep_logits) {
+  MOE_CHECK_CODE(pp_size_ == 1, ErrorCode::invalid_argument, "MoEGPTModel::forward: with pipeline_model_parallel_size = ",
+                 pp_size_, " a forward spans the stages: use run_schedule (or forward_stage on each stage)");
+  double loss = 0.0;
+  forward_stage(batch, ctx, Tensor(), &loss, keep_logits);
+  return loss;
+}
+
+void MoEGPTModel::backward() {
+  MOE_CHECK(!impl_->order.empty(), "MoEGPTModel::backward called without a forward");
+  MOE_CHECK_CODE(pp_size_ == 1, ErrorCode::invalid_argument,
+                 "MoEGPTModel::backward: with pipeline_model_parallel_size > 1 use run_schedule (or backward_stage)");
+  backward_stage(impl_->order.back(), Tensor());
+}
+
+void MoEGPTModel::release(int64_t mb) {
+  Impl& m = *impl_;
+  for (TransformerLayer& L : m.layers)
+    if (L.moe) L.moe->release(mb);
+  m.micro.erase(mb);
+  m.order.erase(std::remove(m.order.begin(), m.order.end(), mb), m.order.end());
+}
+
+int64_t MoEGPTModel::pending_microbatches() const { return static_cast<int64_t>(impl_->order.size()); }
+
+int64_t MoEGPTModel::saved_activation_bytes() const {
+  const Impl& m = *impl_;
+  int64_t b = 0;
+  for (const auto& [mb, st] : m.micro) {
+    b += st.head_store.device_bytes();
+    for (const ActivationStore& s : st.layer_stores) b += s.device_bytes();
+    for (const Tensor* t : {&st.ids, &st.pos_ids, &st.labels, &st.logits, &st.row_max, &st.sums})
+      if (t->defined()) b += static_cast<int64_t>(t->nbytes());
+  }
+  for (const TransformerLayer& L : m.layers)
+    if (L.moe) b += L.moe->saved_device_bytes();
+  return b;
+}
+
+Tensor MoEGPTModel::forward_stage(const MicroBatch& batch, const ForwardContext& ctx, const Tensor& input,
+                                  double* lm_loss, bool keep_logits) {
   Impl& m = *impl_;
   const MoEConfig& c = config_;
   const int64_t S = c.seq_length, H = c.hidden_size, V = m.V;
+  const bool first = is_first_stage(), last = is_last_stage();
+  const DType dt = dtype_from_name(c.params_dtype);
   const char* who = "MoEGPTModel::forward";
   MOE_CHECK(batch.tokens.defined() && batch.tokens.ndim() == 2 && batch.tokens.size(1) == S &&
                 batch.tokens.dtype() == DType::i64,
@@ -169,96 +282,128 @@ double MoEGPTModel::forward(const MicroBatch& batch, const ForwardContext& ctx, 
             batch.tokens.defined() ? batch.tokens.desc() : std::string("undefined"));
   const int64_t b = batch.tokens.size(0);
   MOE_CHECK(b >= 1, who, ": the micro-batch has no sequences");
-  MOE_CHECK(batch.labels.defined() && batch.labels.dtype() == DType::i64, who, ": labels must be (", b, ", ", S,
-            ") i64, got ", batch.labels.defined() ? batch.labels.desc() : std::string("undefined"));
-  batch.labels.check_shape({b, S}, "MoEGPTModel::forward: labels");
-  if (batch.loss_mask.defined()) {
-    batch.loss_mask.check_shape({b, S}, "MoEGPTModel::forward: loss_mask");
-    batch.loss_mask.check_dtype(DType::f32, "MoEGPTModel::forward: loss_mask");
+  std::vector<int64_t> tokens, labels;
+  std::vector<float> mask_full;
+  if (first) {
+    tokens = batch.tokens.to(Device::cpu()).to_vector<int64_t>();
+    for (int64_t i = 0; i < b * S; ++i)
+      MOE_CHECK(tokens[i] >= 0 && tokens[i] < V, who, ": token id ", tokens[i], " at (", i / S, ", ", i % S,
+                ") is outside the vocabulary [0, vocab_size=", V, ")");
   }
-  const std::vector<int64_t> tokens = batch.tokens.to(Device::cpu()).to_vector<int64_t>();
-  const std::vector<int64_t> labels = batch.labels.to(Device::cpu()).to_vector<int64_t>();
-  std::vector<float> mask_full(static_cast<size_t>(b * S), 1.0f);
-  if (batch.loss_mask.defined()) mask_full = batch.loss_mask.to(Device::cpu()).to_vector<float>();
-  for (int64_t i = 0; i < b * S; ++i) {
-    MOE_CHECK(tokens[i] >= 0 && tokens[i] < V, who, ": token id ", tokens[i], " at (", i / S, ", ", i % S,
-              ") is outside the vocabulary [0, vocab_size=", V, ")");
-    MOE_CHECK(labels[i] >= 0 && labels[i] < V, who, ": label id ", labels[i], " at (", i / S, ", ", i % S,
-              ") is outside the vocabulary [0, vocab_size=", V, ")");
+  if (last) {
+    MOE_CHECK(batch.labels.defined() && batch.labels.dtype() == DType::i64, who, ": labels must be (", b, ", ", S,
+              ") i64, got ", batch.labels.defined() ? batch.labels.desc() : std::string("undefined"));
+    batch.labels.check_shape({b, S}, "MoEGPTModel::forward: labels");
+    if (batch.loss_mask.defined()) {
+      batch.loss_mask.check_shape({b, S}, "MoEGPTModel::forward: loss_mask");
+      batch.loss_mask.check_dtype(DType::f32, "MoEGPTModel::forward: loss_mask");
+    }
+    labels = batch.labels.to(Device::cpu()).to_vector<int64_t>();
+    mask_full.assign(static_cast<size_t>(b * S), 1.0f);
+    if (batch.loss_mask.defined()) mask_full = batch.loss_mask.to(Device::cpu()).to_vector<float>();
+    for (int64_t i = 0; i < b * S; ++i)
+      MOE_CHECK(labels[i] >= 0 && labels[i] < V, who, ": label id ", labels[i], " at (", i / S, ", ", i % S,
+                ") is outside the vocabulary [0, vocab_size=", V, ")");
   }
-
-  // This rank's rows, s-major: (S_cp·b) at the CP positions, (s_loc·b) at its own positions.
   const SequenceLayout& lay = layout_;
   const int64_t S_cp = lay.s_cp(), s_loc = lay.s_local(), n = S_cp * b;
-  std::vector<int64_t> ids(static_cast<size_t>(n)), lab(static_cast<size_t>(n)), pos(static_cast<size_t>(s_loc * b));
-  m.mask.assign(static_cast<size_t>(n), 0.0);
-  for (int64_t s = 0; s < S_cp; ++s)
-    for (int64_t bi = 0; bi < b; ++bi) {
-      const int64_t src = bi * S + lay.cp_positions[s], dst = s * b + bi;
-      ids[dst] = tokens[src];
-      lab[dst] = labels[src];
-      m.mask[dst] = mask_full[src];
-    }
-  for (int64_t s = 0; s < s_loc; ++s)
-    for (int64_t bi = 0; bi < b; ++bi) pos[s * b + bi] = lay.local_positions[s];
-  m.seq.b = b;
-  m.seq.s_cp = S_cp;
-  m.seq.s_loc = s_loc;
-  m.seq.q_pos = i64_tensor(lay.cp_positions, device_);
-  m.seq.k_pos = i64_tensor(lay.key_positions, device_);
-  m.ids = i64_tensor(ids, device_);
-  m.labels = i64_tensor(lab, device_);
-  m.pos_ids = i64_tensor(pos, device_);
-  m.ctx = ctx;
-  m.head_store.clear();
+  if (first) {
+    MOE_CHECK(!input.defined(), who, ": the first pipeline stage embeds the tokens; its input must be undefined, got ",
+              input.desc());
+  } else {
+    MOE_CHECK(input.defined(), who, ": pipeline stage ", pp_rank_, " needs the previous stage's output (",
+              s_loc * b, ", ", H, ")");
+    input.check_shape({s_loc * b, H}, "MoEGPTModel::forward_stage: input");
+    input.check_dtype(dt, "MoEGPTModel::forward_stage: input");
+    MOE_CHECK(input.device() == device_, who, ": input must be on ", device_.str(), ", got ", input.desc());
+  }
 
-  // Embedding: vocab-parallel rows summed over TP and scattered to this rank's rows.
-  const DType dt = m.word.value.dtype();
-  Tensor emb = Tensor::empty({n, H}, dt, device_);  // (S_cp·b, H) partial over TP
-  ops::embedding_fwd(m.ids, m.word.value, m.vocab_start, emb, false);
-  Tensor h = sp_reduce_scatter(m.tp, emb);  // (s_loc·b, H)
-  emb = Tensor();
-  if (m.position.value.defined()) ops::embedding_fwd(m.pos_ids, m.position.value, 0, h, true);
+  // A pending forward of this micro-batch is replaced.
+  const int64_t mb = ctx.microbatch;
+  release(mb);
+  MicroState& st = m.micro.try_emplace(mb, m.layers.size()).first->second;
+  st.seq.b = b;
+  st.seq.s_cp = S_cp;
+  st.seq.s_loc = s_loc;
+  st.seq.q_pos = i64_tensor(lay.cp_positions, device_);
+  st.seq.k_pos = i64_tensor(lay.key_positions, device_);
+  st.ctx = ctx;
+
+  // This rank's rows, s-major: (S_cp·b) at the CP positions, (s_loc·b) at its own positions.
+  Tensor h;  // (s_loc·b, H)
+  if (first) {
+    std::vector<int64_t> ids(static_cast<size_t>(n)), pos(static_cast<size_t>(s_loc * b));
+    for (int64_t s = 0; s < S_cp; ++s)
+      for (int64_t bi = 0; bi < b; ++bi) ids[s * b + bi] = tokens[bi * S + lay.cp_positions[s]];
+    for (int64_t s = 0; s < s_loc; ++s)
+      for (int64_t bi = 0; bi < b; ++bi) pos[s * b + bi] = lay.local_positions[s];
+    st.ids = i64_tensor(ids, device_);
+    st.pos_ids = i64_tensor(pos, device_);
+    // Embedding: vocab-parallel rows summed over TP and scattered to this rank's rows.
+    Tensor emb = Tensor::empty({n, H}, dt, device_);  // (S_cp·b, H) partial over TP
+    ops::embedding_fwd(st.ids, m.word.value, m.vocab_start, emb, false);
+    h = sp_reduce_scatter(m.tp, emb);  // (s_loc·b, H)
+    emb = Tensor();
+    if (m.position.value.defined()) ops::embedding_fwd(st.pos_ids, m.position.value, 0, h, true);
+  } else {
+    h = input;  // read only: every layer adds into fresh tensors
+  }
 
   // Layers. The MoE layers see (s_loc, b, H) with the router losses scaled like the lm loss.
   ForwardContext mctx = ctx;
   mctx.seq_length = s_loc;
   mctx.batch_size = b;
   mctx.loss_scale = ctx.loss_scale * static_cast<double>(lay.cp);
-  for (TransformerLayer& L : m.layers) {
-    L.store.clear();
-    L.s_loc = s_loc;
-    L.b = b;
-    Tensor a = L.input_norm->forward(h, L.store, "input_layernorm");     // (s_loc·b, H)
-    Tensor h1 = L.attention->forward(a, m.seq, L.store);                 // (s_loc·b, H)
+  for (size_t k = 0; k < m.layers.size(); ++k) {
+    TransformerLayer& L = m.layers[k];
+    ActivationStore& store = st.layer_stores[k];
+    Tensor a = L.input_norm->forward(h, store, "input_layernorm");     // (s_loc·b, H)
+    Tensor h1 = L.attention->forward(a, st.seq, store);                // (s_loc·b, H)
     ops::add_(h1, h);
-    Tensor a2 = L.pre_mlp_norm->forward(h1, L.store, "pre_mlp_layernorm");  // (s_loc·b, H)
+    Tensor a2 = L.pre_mlp_norm->forward(h1, store, "pre_mlp_layernorm");  // (s_loc·b, H)
     Tensor h2 = L.moe ? L.moe->forward(a2.view({s_loc, b, H}), mctx).view({s_loc * b, H})
-                      : L.dense->forward(a2, L.store);                     // (s_loc·b, H)
+                      : L.dense->forward(a2, store);                      // (s_loc·b, H)
     ops::add_(h2, h1);
     h = h2;
   }
 
+  if (!last) {
+    logits_ = Tensor();
+    if (lm_loss) *lm_loss = 0.0;
+    st.pending = true;
+    m.order.push_back(mb);
+    return h;  // (s_loc·b, H) for the next stage
+  }
+
   // Final norm, output layer and the vocab-parallel cross entropy.
-  Tensor hf = m.final_norm->forward(h, m.head_store, "final_layernorm");  // (s_loc·b, H)
-  m.head_store.save("output_layer.input", hf);
-  Tensor hg = sp_all_gather(m.tp, hf);                                  // (S_cp·b, H)
-  m.logits = ops::matmul(hg, false, m.out_weight().value, true);        // (S_cp·b, V/TP)
+  std::vector<int64_t> lab(static_cast<size_t>(n));
+  st.mask.assign(static_cast<size_t>(n), 0.0);
+  for (int64_t s = 0; s < S_cp; ++s)
+    for (int64_t bi = 0; bi < b; ++bi) {
+      const int64_t src = bi * S + lay.cp_positions[s], dst = s * b + bi;
+      lab[dst] = labels[src];
+      st.mask[dst] = mask_full[src];
+    }
+  st.labels = i64_tensor(lab, device_);
+  Tensor hf = m.final_norm->forward(h, st.head_store, "final_layernorm");  // (s_loc·b, H)
+  st.head_store.save("output_layer.input", hf);
+  Tensor hg = sp_all_gather(m.tp, hf);                                   // (S_cp·b, H)
+  st.logits = ops::matmul(hg, false, m.out_weight().value, true);        // (S_cp·b, V/TP)
   hg = Tensor();
-  const DType st = ops::stat_dtype_for(dt);
-  m.row_max = Tensor::empty({n}, st, device_);  // (S_cp·b)
-  ops::xent_max(m.logits, m.row_max);
-  if (sp_active(m.tp)) m.tp->all_reduce(m.row_max, ReduceOp::max);
-  m.sums = Tensor::empty({2, n}, st, device_);  // (2, S_cp·b): sum_exp, target logit
-  Tensor sum_exp = m.sums.narrow(0, 1).view({n}), target = m.sums.narrow(1, 1).view({n});
-  ops::xent_sum(m.logits, m.labels, m.vocab_start, m.row_max, sum_exp, target);
-  if (sp_active(m.tp)) m.tp->all_reduce(m.sums);
-  const std::vector<double> mx = host_f64(m.row_max), sums = host_f64(m.sums);
+  const DType stt = ops::stat_dtype_for(dt);
+  st.row_max = Tensor::empty({n}, stt, device_);  // (S_cp·b)
+  ops::xent_max(st.logits, st.row_max);
+  if (sp_active(m.tp)) m.tp->all_reduce(st.row_max, ReduceOp::max);
+  st.sums = Tensor::empty({2, n}, stt, device_);  // (2, S_cp·b): sum_exp, target logit
+  Tensor sum_exp = st.sums.narrow(0, 1).view({n}), target = st.sums.narrow(1, 1).view({n});
+  ops::xent_sum(st.logits, st.labels, m.vocab_start, st.row_max, sum_exp, target);
+  if (sp_active(m.tp)) m.tp->all_reduce(st.sums);
+  const std::vector<double> mx = host_f64(st.row_max), sums = host_f64(st.sums);
   double num_den[2] = {0.0, 0.0};
   for (int64_t i = 0; i < n; ++i) {
     const double ce = std::log(sums[i]) + mx[i] - sums[n + i];
-    num_den[0] += m.mask[i] * ce;
-    num_den[1] += m.mask[i];
+    num_den[0] += st.mask[i] * ce;
+    num_den[1] += st.mask[i];
   }
   if (sp_active(m.cp)) {
     Tensor t = Tensor::from_vector(std::vector<double>{num_den[0], num_den[1]}, {2});
@@ -267,67 +412,90 @@ double MoEGPTModel::forward(const MicroBatch& batch, const ForwardContext& ctx, 
     num_den[0] = v[0];
     num_den[1] = v[1];
   }
-  m.mask_sum = num_den[1];
+  st.mask_sum = num_den[1];
   if (keep_logits) {
-    Tensor l = m.logits.device().is_cpu() ? m.logits : m.logits.to(Device::cpu());
+    Tensor l = st.logits.device().is_cpu() ? st.logits : st.logits.to(Device::cpu());
     logits_ = (l.dtype() == DType::f32 ? l.clone() : l.to_dtype(DType::f32)).view({S_cp, b, m.V_local});
   } else {
     logits_ = Tensor();
   }
-  m.pending = true;
+  st.pending = true;
+  m.order.push_back(mb);
   // A micro-batch whose mask is all zeros has no loss and no gradient (Megatron would divide by 0).
-  return m.mask_sum > 0 ? num_den[0] / m.mask_sum : 0.0;
+  if (lm_loss) *lm_loss = st.mask_sum > 0 ? num_den[0] / st.mask_sum : 0.0;
+  return Tensor();
 }
 
-void MoEGPTModel::backward() {
+Tensor MoEGPTModel::backward_stage(int64_t mb, const Tensor& output_grad) {
   Impl& m = *impl_;
-  MOE_CHECK(m.pending, "MoEGPTModel::backward called without a forward");
-  m.pending = false;
-  const int64_t H = config_.hidden_size, n = m.seq.s_cp * m.seq.b;
-  const DType st = m.row_max.dtype();
+  auto it = m.micro.find(mb);
+  MOE_CHECK(it != m.micro.end() && it->second.pending, "MoEGPTModel::backward: micro-batch ", mb,
+            " has no pending forward (backward called twice, or without a forward)");
+  MicroState& st = it->second;
+  const int64_t H = config_.hidden_size, n = st.seq.s_cp * st.seq.b, s_loc = st.seq.s_loc, b = st.seq.b;
+  const bool first = is_first_stage(), last = is_last_stage();
 
-  // Cross entropy and the output layer: dlogits overwrites the logits.
-  std::vector<double> g(static_cast<size_t>(n), 0.0);
-  const double scale = m.ctx.loss_scale * static_cast<double>(layout_.cp);
-  for (int64_t i = 0; i < n; ++i) g[i] = m.mask_sum > 0 ? scale * m.mask[i] / m.mask_sum : 0.0;
-  Tensor grad = Tensor::from_vector(g, {n}).to_dtype(st).to(device_);  // (S_cp·b) stat
-  Tensor sum_exp = m.sums.narrow(0, 1).view({n});
-  ops::xent_bwd(m.logits, m.labels, m.vocab_start, m.row_max, sum_exp, grad, m.logits);
-  Tensor dlogits = m.logits;  // (S_cp·b, V/TP)
-  m.logits = m.row_max = m.sums = Tensor();
-  Parameter& W = m.out_weight();
-  Tensor hg = sp_all_gather(m.tp, m.head_store.get("output_layer.input"));  // (S_cp·b, H)
-  m.head_store.drop("output_layer.input");
-  ops::gemm(dlogits, true, hg, false, W.grad, 1.0, 1.0);
-  hg = Tensor();
-  Tensor dhg = ops::matmul(dlogits, false, W.value, false);  // (S_cp·b, H) partial over TP (vocab)
-  dlogits = Tensor();
-  Tensor dh = m.final_norm->backward(sp_reduce_scatter(m.tp, dhg), m.head_store, "final_layernorm");  // (s_loc·b, H)
-  dhg = Tensor();
-
-  // Layers, last first.
-  for (auto it = m.layers.rbegin(); it != m.layers.rend(); ++it) {
-    TransformerLayer& L = *it;
-    Tensor da2;  // (s_loc·b, H)
-    if (L.moe) {
-      da2 = L.moe->backward(dh.view({L.s_loc, L.b, H})).view({L.s_loc * L.b, H});
-    } else {
-      L.dense->backward(dh, da2, L.store);
-    }
-    Tensor dh1 = L.pre_mlp_norm->backward(da2, L.store, "pre_mlp_layernorm");  // (s_loc·b, H)
-    ops::add_(dh1, dh);
-    Tensor da = L.attention->backward(dh1, m.seq, L.store);               // (s_loc·b, H)
-    Tensor dh0 = L.input_norm->backward(da, L.store, "input_layernorm");  // (s_loc·b, H)
-    ops::add_(dh0, dh1);
-    dh = dh0;
-    L.store.clear();
+  Tensor dh;  // (s_loc·b, H): the gradient of this stage's output
+  if (last) {
+    MOE_CHECK(!output_grad.defined(), "MoEGPTModel::backward: the last pipeline stage starts from its loss; ",
+              "output_grad must be undefined, got ", output_grad.desc());
+    // Cross entropy and the output layer: dlogits overwrites the logits.
+    const DType stt = st.row_max.dtype();
+    std::vector<double> g(static_cast<size_t>(n), 0.0);
+    const double scale = st.ctx.loss_scale * static_cast<double>(layout_.cp);
+    for (int64_t i = 0; i < n; ++i) g[i] = st.mask_sum > 0 ? scale * st.mask[i] / st.mask_sum : 0.0;
+    Tensor grad = Tensor::from_vector(g, {n}).to_dtype(stt).to(device_);  // (S_cp·b) stat
+    Tensor sum_exp = st.sums.narrow(0, 1).view({n});
+    ops::xent_bwd(st.logits, st.labels, m.vocab_start, st.row_max, sum_exp, grad, st.logits);
+    Tensor dlogits = st.logits;  // (S_cp·b, V/TP)
+    st.logits = st.row_max = st.sums = Tensor();
+    Parameter& W = m.out_weight();
+    Tensor hg = sp_all_gather(m.tp, st.head_store.get("output_layer.input"));  // (S_cp·b, H)
+    st.head_store.drop("output_layer.input");
+    ops::gemm(dlogits, true, hg, false, W.grad, 1.0, 1.0);
+    hg = Tensor();
+    Tensor dhg = ops::matmul(dlogits, false, W.value, false);  // (S_cp·b, H) partial over TP (vocab)
+    dlogits = Tensor();
+    dh = m.final_norm->backward(sp_reduce_scatter(m.tp, dhg), st.head_store, "final_layernorm");  // (s_loc·b, H)
+  } else {
+    MOE_CHECK(output_grad.defined(), "MoEGPTModel::backward: pipeline stage ", pp_rank_,
+              " needs the gradient of its output (", s_loc * b, ", ", H, ") from the next stage");
+    output_grad.check_shape({s_loc * b, H}, "MoEGPTModel::backward_stage: output_grad");
+    output_grad.check_dtype(dtype_from_name(config_.params_dtype), "MoEGPTModel::backward_stage: output_grad");
+    dh = output_grad;  // read only
   }
 
-  // Embedding: positions from this rank's rows, words from the TP-gathered rows.
-  if (m.position.value.defined()) ops::embedding_bwd(m.pos_ids, dh, 0, m.position.grad);
-  Tensor dhg_emb = sp_all_gather(m.tp, dh);  // (S_cp·b, H)
-  ops::embedding_bwd(m.ids, dhg_emb, m.vocab_start, m.word.grad);
-  m.head_store.clear();
+  // Layers, last first.
+  for (size_t k = m.layers.size(); k-- > 0;) {
+    TransformerLayer& L = m.layers[k];
+    ActivationStore& store = st.layer_stores[k];
+    Tensor da2;  // (s_loc·b, H)
+    if (L.moe) {
+      da2 = L.moe->backward(dh.view({s_loc, b, H}), mb).view({s_loc * b, H});
+    } else {
+      L.dense->backward(dh, da2, store);
+    }
+    Tensor dh1 = L.pre_mlp_norm->backward(da2, store, "pre_mlp_layernorm");  // (s_loc·b, H)
+    ops::add_(dh1, dh);
+    Tensor da = L.attention->backward(dh1, st.seq, store);                // (s_loc·b, H)
+    Tensor dh0 = L.input_norm->backward(da, store, "input_layernorm");  // (s_loc·b, H)
+    ops::add_(dh0, dh1);
+    dh = dh0;
+    store.clear();
+  }
+
+  Tensor input_grad;
+  if (first) {
+    // Embedding: positions from this rank's rows, words from the TP-gathered rows.
+    if (m.position.value.defined()) ops::embedding_bwd(st.pos_ids, dh, 0, m.position.grad);
+    Tensor dhg_emb = sp_all_gather(m.tp, dh);  // (S_cp·b, H)
+    ops::embedding_bwd(st.ids, dhg_emb, m.vocab_start, m.word.grad);
+  } else {
+    input_grad = dh;  // (s_loc·b, H) for the previous stage
+  }
+  m.micro.erase(it);
+  m.order.erase(std::remove(m.order.begin(), m.order.end(), mb), m.order.end());
+  return input_grad;
 }
 
 void MoEGPTModel::finish_step() {
@@ -335,10 +503,25 @@ void MoEGPTModel::finish_step() {
     if (L.moe) L.moe->finish_step();
 }
 
+void MoEGPTModel::finish_grads_pipeline(const std::function<Tensor(Parameter&)>& grad_of) {
+  if (!embedding_group_ || embedding_group_->size() == 1) return;
+  Parameter& w = impl_->word;
+  MOE_CHECK_CODE(w.value.defined(), ErrorCode::internal, "MoEGPTModel::finish_grads_pipeline: stage ", pp_rank_,
+                 " is in the embedding group but holds no word embedding");
+  Tensor g = grad_of ? grad_of(w) : w.grad;
+  MOE_CHECK(g.defined() && g.numel() == w.value.numel(), "MoEGPTModel::finish_grads_pipeline: the gradient of '",
+            w.name, "' must have its ", w.value.numel(), " local elements, got ",
+            g.defined() ? g.desc() : std::string("undefined"));
+  embedding_group_->all_reduce(g);
+}
+
 std::vector<Parameter*> MoEGPTModel::parameters() {
   Impl& m = *impl_;
-  std::vector<Parameter*> out{&m.word};
-  if (m.position.value.defined()) out.push_back(&m.position);
+  std::vector<Parameter*> out;
+  if (is_first_stage()) {
+    out.push_back(&m.word);
+    if (m.position.value.defined()) out.push_back(&m.position);
+  }
   for (TransformerLayer& L : m.layers) {
     L.input_norm->parameters(out);
     L.attention->parameters(out);
@@ -350,8 +533,11 @@ std::vector<Parameter*> MoEGPTModel::parameters() {
       out.push_back(&L.dense->fc2());
     }
   }
-  m.final_norm->parameters(out);
-  if (m.output.value.defined()) out.push_back(&m.output);
+  if (is_last_stage()) {
+    m.final_norm->parameters(out);
+    if (m.output.value.defined()) out.push_back(&m.output);
+    else if (!is_first_stage()) out.push_back(&m.word);  // the tied copy of a pipeline's last stage
+  }
   return out;
 }
 

@@ -6,11 +6,13 @@
 //   dispatch_backward: d rows (N, H), d row probs (N)      →  dx (T, H), dprobs (T, E)
 #pragma once
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "moecore/activation_store.h"
+#include "moecore/error.h"
 #include "moecore/tensor.h"
 
 namespace moe {
@@ -28,15 +30,23 @@ struct DispatchTraffic {
   int64_t calls = 0;
 };
 
+// Several micro-batches may be dispatched before any of them is combined back (pipeline
+// schedules): every call names its micro-batch by `key`, and what a dispatch keeps for the other
+// three calls is held per key. dispatch() (re)starts a key; dispatch_backward(), the last call of a
+// micro-batch, releases it. Callers with one micro-batch at a time leave key at 0.
 class TokenDispatcher {
  public:
   virtual ~TokenDispatcher() = default;
   virtual std::string name() const = 0;
-  virtual DispatchOutput dispatch(const Tensor& x, const Tensor& probs, const Tensor& routing_map) = 0;
-  virtual Tensor combine(const Tensor& expert_output) = 0;
-  virtual Tensor combine_backward(const Tensor& grad_output) = 0;
+  virtual DispatchOutput dispatch(const Tensor& x, const Tensor& probs, const Tensor& routing_map, int64_t key = 0) = 0;
+  virtual Tensor combine(const Tensor& expert_output, int64_t key = 0) = 0;
+  virtual Tensor combine_backward(const Tensor& grad_output, int64_t key = 0) = 0;
   virtual void dispatch_backward(const Tensor& grad_rows, const Tensor& grad_row_probs, Tensor& grad_x,
-                                 Tensor& grad_probs) = 0;
+                                 Tensor& grad_probs, int64_t key = 0) = 0;
+  // Micro-batches dispatched and not yet released by dispatch_backward; release() drops one
+  // without its backward (forward-only runs).
+  virtual int64_t pending() const = 0;
+  virtual void release(int64_t key) = 0;
   const DispatchTraffic& traffic() const { return traffic_; }
   void reset_traffic() { traffic_ = {}; }
 
@@ -44,19 +54,43 @@ class TokenDispatcher {
   DispatchTraffic traffic_;
 };
 
+// Per-key state of a dispatcher: find() names the dispatcher and key when a call comes without its
+// dispatch.
+template <class State>
+class PendingStates {
+ public:
+  State& start(int64_t key) { return states_[key] = State{}; }
+  State& find(int64_t key, const char* who) {
+    auto it = states_.find(key);
+    MOE_CHECK(it != states_.end(), who, ": no pending dispatch for micro-batch ", key,
+              " (dispatch it first; dispatch_backward releases it)");
+    return it->second;
+  }
+  void release(int64_t key) { states_.erase(key); }
+  int64_t size() const { return static_cast<int64_t>(states_.size()); }
+
+ private:
+  std::map<int64_t, State> states_;
+};
+
 // One process, all experts local: permute / unpermute only.
 class LocalDispatcher final : public TokenDispatcher {
  public:
   std::string name() const override { return "local"; }
-  DispatchOutput dispatch(const Tensor& x, const Tensor& probs, const Tensor& routing_map) override;
-  Tensor combine(const Tensor& expert_output) override;
-  Tensor combine_backward(const Tensor& grad_output) override;
-  void dispatch_backward(const Tensor& grad_rows, const Tensor& grad_row_probs, Tensor& grad_x,
-                         Tensor& grad_probs) override;
+  DispatchOutput dispatch(const Tensor& x, const Tensor& probs, const Tensor& routing_map, int64_t key = 0) override;
+  Tensor combine(const Tensor& expert_output, int64_t key = 0) override;
+  Tensor combine_backward(const Tensor& grad_output, int64_t key = 0) override;
+  void dispatch_backward(const Tensor& grad_rows, const Tensor& grad_row_probs, Tensor& grad_x, Tensor& grad_probs,
+                         int64_t key = 0) override;
+  int64_t pending() const override { return states_.size(); }
+  void release(int64_t key) override { states_.release(key); }
 
  private:
-  Tensor row_id_map_;  // (T, E) i32 of the pending forward
-  int64_t N_ = 0;
+  struct State {
+    Tensor row_id_map;  // (T, E) i32
+    int64_t N = 0;
+  };
+  PendingStates<State> states_;
 };
 
 class Communicator;
@@ -70,21 +104,26 @@ class AllGatherDispatcher final : public TokenDispatcher {
   // group: ETP×EP; local experts [first_expert, first_expert + num_local_experts).
   AllGatherDispatcher(std::shared_ptr<Communicator> group, int64_t first_expert, int64_t num_local_experts);
   std::string name() const override { return "allgather"; }
-  DispatchOutput dispatch(const Tensor& x, const Tensor& probs, const Tensor& routing_map) override;
-  Tensor combine(const Tensor& expert_output) override;
-  Tensor combine_backward(const Tensor& grad_output) override;
-  void dispatch_backward(const Tensor& grad_rows, const Tensor& grad_row_probs, Tensor& grad_x,
-                         Tensor& grad_probs) override;
+  DispatchOutput dispatch(const Tensor& x, const Tensor& probs, const Tensor& routing_map, int64_t key = 0) override;
+  Tensor combine(const Tensor& expert_output, int64_t key = 0) override;
+  Tensor combine_backward(const Tensor& grad_output, int64_t key = 0) override;
+  void dispatch_backward(const Tensor& grad_rows, const Tensor& grad_row_probs, Tensor& grad_x, Tensor& grad_probs,
+                         int64_t key = 0) override;
+  int64_t pending() const override { return states_.size(); }
+  void release(int64_t key) override { states_.release(key); }
 
  private:
-  Tensor gather_rows(const Tensor& local);   // (T, ...) → (T_g, ...)
-  Tensor scatter_rows(const Tensor& global);  // (T_g, ...) → (T, ...), summed over the group
+  struct State {
+    int64_t E = 0;
+    std::vector<int64_t> rank_rows;  // (group size) tokens on each rank
+    Tensor row_id_map;               // (T_g, G) i32
+    int64_t N = 0;
+  };
+  Tensor gather_rows(const State& st, const Tensor& local);   // (T, ...) → (T_g, ...)
+  Tensor scatter_rows(const State& st, const Tensor& global);  // (T_g, ...) → (T, ...), summed over the group
   std::shared_ptr<Communicator> group_;
   int64_t first_, G_;
-  int64_t E_ = 0;                   // of the pending forward
-  std::vector<int64_t> rank_rows_;  // (group size) tokens on each rank
-  Tensor row_id_map_;               // (T_g, G) i32
-  int64_t N_ = 0;
+  PendingStates<State> states_;
 };
 
 // All-to-all dispatcher (Megatron's MoEAlltoAllTokenDispatcher):
@@ -100,29 +139,34 @@ class AllToAllDispatcher final : public TokenDispatcher {
                      std::shared_ptr<Communicator> etp_ep, std::vector<int> ep_rank_of, std::vector<int> etp_rank_of,
                      int64_t num_experts);
   std::string name() const override { return "alltoall"; }
-  DispatchOutput dispatch(const Tensor& x, const Tensor& probs, const Tensor& routing_map) override;
-  Tensor combine(const Tensor& expert_output) override;
-  Tensor combine_backward(const Tensor& grad_output) override;
-  void dispatch_backward(const Tensor& grad_rows, const Tensor& grad_row_probs, Tensor& grad_x,
-                         Tensor& grad_probs) override;
+  DispatchOutput dispatch(const Tensor& x, const Tensor& probs, const Tensor& routing_map, int64_t key = 0) override;
+  Tensor combine(const Tensor& expert_output, int64_t key = 0) override;
+  Tensor combine_backward(const Tensor& grad_output, int64_t key = 0) override;
+  void dispatch_backward(const Tensor& grad_rows, const Tensor& grad_row_probs, Tensor& grad_x, Tensor& grad_probs,
+                         int64_t key = 0) override;
+  int64_t pending() const override { return states_.size(); }
+  void release(int64_t key) override { states_.release(key); }
 
  private:
+  // Of one pending micro-batch:
+  struct State {
+    Tensor row_id_map;                     // (T, E) i32
+    int64_t N_local = 0, N_recv = 0, N_g = 0;
+    std::vector<int64_t> input_splits;     // (EP) rows sent to each EP rank
+    std::vector<int64_t> output_splits;    // (EP) rows received from each EP rank
+    std::vector<int64_t> etp_rows;         // (ETP) rows each ETP rank holds after the all-to-all
+    std::vector<int64_t> chunk_sizes;      // (ETP·EP·G) in [source][local expert] order
+    std::vector<int64_t> sort_order;       // → [local expert][source]
+    std::vector<int64_t> sorted_sizes;     // chunk sizes in [local expert][source] order
+    std::vector<int64_t> unsort_order;     // back to [source][local expert]
+  };
   // Local permuted rows (N_loc, ...) → expert-major rows of the local experts (N_g, ...), and back.
-  Tensor forward_path(const Tensor& local_rows);
-  Tensor reverse_path(const Tensor& expert_rows);
+  Tensor forward_path(const State& st, const Tensor& local_rows);
+  Tensor reverse_path(const State& st, const Tensor& expert_rows);
   std::shared_ptr<Communicator> ep_, etp_, etp_ep_;
   std::vector<int> ep_rank_of_, etp_rank_of_;
   int64_t E_, G_;
-  // Of the pending forward:
-  Tensor row_id_map_;                     // (T, E) i32
-  int64_t N_local_ = 0, N_recv_ = 0, N_g_ = 0;
-  std::vector<int64_t> input_splits_;     // (EP) rows sent to each EP rank
-  std::vector<int64_t> output_splits_;    // (EP) rows received from each EP rank
-  std::vector<int64_t> etp_rows_;         // (ETP) rows each ETP rank holds after the all-to-all
-  std::vector<int64_t> chunk_sizes_;      // (ETP·EP·G) in [source][local expert] order
-  std::vector<int64_t> sort_order_;       // → [local expert][source]
-  std::vector<int64_t> sorted_sizes_;     // chunk sizes in [local expert][source] order
-  std::vector<int64_t> unsort_order_;     // back to [source][local expert]
+  PendingStates<State> states_;
 };
 
 // The permutation every dispatcher starts from: counts, offsets and the row map of a routing map.

@@ -21,11 +21,11 @@ AllGatherDispatcher::AllGatherDispatcher(std::shared_ptr<Communicator> group, in
   MOE_CHECK(first_ >= 0 && G_ >= 1, "AllGatherDispatcher: bad local experts [", first_, ", +", G_, ")");
 }
 
-Tensor AllGatherDispatcher::gather_rows(const Tensor& local) {
+Tensor AllGatherDispatcher::gather_rows(const State& st, const Tensor& local) {
   int64_t total = 0;
-  for (int64_t r : rank_rows_) total += r;
+  for (int64_t r : st.rank_rows) total += r;
   Tensor out = rows_like(local, total);
-  group_->all_gather_v(local, out, rank_rows_);
+  group_->all_gather_v(local, out, st.rank_rows);
   const int64_t rb = row_bytes(local);
   traffic_.bytes_sent += local.size(0) * rb * (group_->size() - 1);
   traffic_.bytes_received += (total - local.size(0)) * rb;
@@ -33,10 +33,10 @@ Tensor AllGatherDispatcher::gather_rows(const Tensor& local) {
   return out;
 }
 
-Tensor AllGatherDispatcher::scatter_rows(const Tensor& global) {
-  int64_t mine = rank_rows_[static_cast<size_t>(group_->rank())];
+Tensor AllGatherDispatcher::scatter_rows(const State& st, const Tensor& global) {
+  int64_t mine = st.rank_rows[static_cast<size_t>(group_->rank())];
   Tensor out = rows_like(global, mine);
-  group_->reduce_scatter_v(global, out, rank_rows_);
+  group_->reduce_scatter_v(global, out, st.rank_rows);
   const int64_t rb = row_bytes(global);
   traffic_.bytes_sent += (global.size(0) - mine) * rb;
   traffic_.bytes_received += mine * rb * (group_->size() - 1);
@@ -44,57 +44,64 @@ Tensor AllGatherDispatcher::scatter_rows(const Tensor& global) {
   return out;
 }
 
-DispatchOutput AllGatherDispatcher::dispatch(const Tensor& x, const Tensor& probs, const Tensor& routing_map) {
+DispatchOutput AllGatherDispatcher::dispatch(const Tensor& x, const Tensor& probs, const Tensor& routing_map,
+                                             int64_t key) {
   const int64_t T = x.size(0), H = x.size(1);
-  E_ = routing_map.size(1);
-  MOE_CHECK(first_ + G_ <= E_, "AllGatherDispatcher: local experts [", first_, ", ", first_ + G_, ") exceed ", E_,
+  const int64_t E = routing_map.size(1);
+  MOE_CHECK(first_ + G_ <= E, "AllGatherDispatcher: local experts [", first_, ", ", first_ + G_, ") exceed ", E,
             " experts");
+  State& st = states_.start(key);
+  st.E = E;
   // Tokens per rank (ranks may hold different numbers, zero included).
   Tensor t_local = Tensor::from_vector(std::vector<int64_t>{T}, {1});
   Tensor t_all = Tensor::empty({group_->size()}, DType::i64);
   group_->all_gather(t_local, t_all);
-  rank_rows_ = t_all.to_vector<int64_t>();
+  st.rank_rows = t_all.to_vector<int64_t>();
 
-  Tensor xg = gather_rows(x);                     // (T_g, H)
-  Tensor pg = gather_rows(probs);                 // (T_g, E)
-  Tensor mg = gather_rows(routing_map);           // (T_g, E) u8
+  Tensor xg = gather_rows(st, x);                     // (T_g, H)
+  Tensor pg = gather_rows(st, probs);                 // (T_g, E)
+  Tensor mg = gather_rows(st, routing_map);           // (T_g, E) u8
   Tensor local_map = ops::gather_columns(mg, first_, G_);    // (T_g, G)
   Tensor local_probs = ops::gather_columns(pg, first_, G_);  // (T_g, G)
 
   LocalPermutation p = make_local_permutation(local_map);
-  row_id_map_ = p.row_id_map;
-  N_ = p.num_rows;
+  st.row_id_map = p.row_id_map;
+  st.N = p.num_rows;
   DispatchOutput out;
-  out.tokens = Tensor::empty({N_, H}, x.dtype(), x.device());   // (N, H)
-  out.probs = Tensor::empty({N_}, probs.dtype(), x.device());   // (N)
-  ops::permute(row_id_map_, xg, out.tokens, &local_probs, &out.probs);
+  out.tokens = Tensor::empty({st.N, H}, x.dtype(), x.device());   // (N, H)
+  out.probs = Tensor::empty({st.N}, probs.dtype(), x.device());   // (N)
+  ops::permute(st.row_id_map, xg, out.tokens, &local_probs, &out.probs);
   out.rows_per_expert = std::move(p.counts);
   return out;
 }
 
-Tensor AllGatherDispatcher::combine(const Tensor& y) {
-  Tensor yg = Tensor::empty({row_id_map_.size(0), y.size(1)}, y.dtype(), y.device());  // (T_g, H)
-  ops::unpermute(row_id_map_, y, yg);
-  return scatter_rows(yg);  // (T, H)
+Tensor AllGatherDispatcher::combine(const Tensor& y, int64_t key) {
+  const State& st = states_.find(key, "AllGatherDispatcher::combine");
+  Tensor yg = Tensor::empty({st.row_id_map.size(0), y.size(1)}, y.dtype(), y.device());  // (T_g, H)
+  ops::unpermute(st.row_id_map, y, yg);
+  return scatter_rows(st, yg);  // (T, H)
 }
 
-Tensor AllGatherDispatcher::combine_backward(const Tensor& dout) {
-  Tensor dg = gather_rows(dout);                                          // (T_g, H)
-  Tensor dy = Tensor::empty({N_, dout.size(1)}, dout.dtype(), dout.device());  // (N, H)
-  ops::permute(row_id_map_, dg, dy);
+Tensor AllGatherDispatcher::combine_backward(const Tensor& dout, int64_t key) {
+  const State& st = states_.find(key, "AllGatherDispatcher::combine_backward");
+  Tensor dg = gather_rows(st, dout);                                          // (T_g, H)
+  Tensor dy = Tensor::empty({st.N, dout.size(1)}, dout.dtype(), dout.device());  // (N, H)
+  ops::permute(st.row_id_map, dg, dy);
   return dy;
 }
 
 void AllGatherDispatcher::dispatch_backward(const Tensor& drows, const Tensor& drow_probs, Tensor& dx,
-                                            Tensor& dprobs) {
-  const int64_t Tg = row_id_map_.size(0);
+                                            Tensor& dprobs, int64_t key) {
+  const State& st = states_.find(key, "AllGatherDispatcher::dispatch_backward");
+  const int64_t Tg = st.row_id_map.size(0);
   Tensor dxg = Tensor::empty({Tg, drows.size(1)}, drows.dtype(), drows.device());  // (T_g, H)
-  ops::unpermute(row_id_map_, drows, dxg);
-  dx.copy_from(scatter_rows(dxg));
+  ops::unpermute(st.row_id_map, drows, dxg);
+  dx.copy_from(scatter_rows(st, dxg));
   Tensor dp_local = Tensor::empty({Tg, G_}, drow_probs.dtype(), drows.device());  // (T_g, G)
-  ops::scatter_rows_to_map(row_id_map_, drow_probs, dp_local);
-  Tensor dpg = ops::scatter_columns(dp_local, first_, E_);  // (T_g, E)
-  dprobs.copy_from(scatter_rows(dpg));
+  ops::scatter_rows_to_map(st.row_id_map, drow_probs, dp_local);
+  Tensor dpg = ops::scatter_columns(dp_local, first_, st.E);  // (T_g, E)
+  dprobs.copy_from(scatter_rows(st, dpg));
+  states_.release(key);
 }
 
 }  // namespace moe

@@ -29,34 +29,39 @@ Tensor rows_like(const Tensor& t, int64_t rows) {
   return Tensor::empty(s, t.dtype(), t.device());
 }
 
-DispatchOutput LocalDispatcher::dispatch(const Tensor& x, const Tensor& probs, const Tensor& routing_map) {
+DispatchOutput LocalDispatcher::dispatch(const Tensor& x, const Tensor& probs, const Tensor& routing_map, int64_t key) {
   LocalPermutation p = make_local_permutation(routing_map);
-  row_id_map_ = p.row_id_map;
-  N_ = p.num_rows;
+  State& st = states_.start(key);
+  st.row_id_map = p.row_id_map;
+  st.N = p.num_rows;
   DispatchOutput out;
-  out.tokens = Tensor::empty({N_, x.size(1)}, x.dtype(), x.device());  // (N, H)
-  out.probs = Tensor::empty({N_}, probs.dtype(), x.device());          // (N)
-  ops::permute(row_id_map_, x, out.tokens, &probs, &out.probs);
+  out.tokens = Tensor::empty({st.N, x.size(1)}, x.dtype(), x.device());  // (N, H)
+  out.probs = Tensor::empty({st.N}, probs.dtype(), x.device());          // (N)
+  ops::permute(st.row_id_map, x, out.tokens, &probs, &out.probs);
   out.rows_per_expert = std::move(p.counts);
   return out;
 }
 
-Tensor LocalDispatcher::combine(const Tensor& y) {
-  Tensor out = Tensor::empty({row_id_map_.size(0), y.size(1)}, y.dtype(), y.device());  // (T, H)
-  ops::unpermute(row_id_map_, y, out);
+Tensor LocalDispatcher::combine(const Tensor& y, int64_t key) {
+  const State& st = states_.find(key, "LocalDispatcher::combine");
+  Tensor out = Tensor::empty({st.row_id_map.size(0), y.size(1)}, y.dtype(), y.device());  // (T, H)
+  ops::unpermute(st.row_id_map, y, out);
   return out;
 }
 
-Tensor LocalDispatcher::combine_backward(const Tensor& dout) {
-  Tensor dy = Tensor::empty({N_, dout.size(1)}, dout.dtype(), dout.device());  // (N, H)
-  ops::permute(row_id_map_, dout, dy);
+Tensor LocalDispatcher::combine_backward(const Tensor& dout, int64_t key) {
+  const State& st = states_.find(key, "LocalDispatcher::combine_backward");
+  Tensor dy = Tensor::empty({st.N, dout.size(1)}, dout.dtype(), dout.device());  // (N, H)
+  ops::permute(st.row_id_map, dout, dy);
   return dy;
 }
 
 void LocalDispatcher::dispatch_backward(const Tensor& grad_rows, const Tensor& grad_row_probs, Tensor& grad_x,
-                                        Tensor& grad_probs) {
-  ops::unpermute(row_id_map_, grad_rows, grad_x);                 // (T, H)
-  ops::scatter_rows_to_map(row_id_map_, grad_row_probs, grad_probs);  // (T, E)
+                                        Tensor& grad_probs, int64_t key) {
+  const State& st = states_.find(key, "LocalDispatcher::dispatch_backward");
+  ops::unpermute(st.row_id_map, grad_rows, grad_x);                 // (T, H)
+  ops::scatter_rows_to_map(st.row_id_map, grad_row_probs, grad_probs);  // (T, E)
+  states_.release(key);
 }
 
 }  // namespace moe

@@ -13,8 +13,8 @@
 // Under ETP each rank holds F/etp of every expert's width: y, dx and dprobs are then partial sums
 // over the ETP ranks (each covers its slice of F) and the dispatcher reduces them (its
 // reduce-scatter of y and dx; dprobs by the same reduction of the prob gradients). Parameter
-// gradients are complete per shard. Row counts of the pending forward live in the module (one
-// forward in flight per module; backward before the next forward).
+// gradients are complete per shard. Row counts of a pending forward live in the module under the
+// forward's store: several micro-batches (each with its own store) may be in flight at once.
 #include "moecore/experts.h"
 
 #include "device/ops.h"
@@ -78,7 +78,7 @@ Tensor GroupedExperts::forward(const Tensor& x, const std::vector<int64_t>& rows
   probs.check_dtype(pdt, "GroupedExperts::forward: probs");
   MOE_CHECK(x.device() == device_ && probs.device() == device_, who, ": inputs must be on ", device_.str(),
             ", got x ", x.desc(), ", probs ", probs.desc());
-  rows_ = rows;
+  rows_[&store] = rows;  // for the backward of this forward (several may be pending, one per store)
 
   const std::string s_x = prefix_ + "fc1_input", s_p = prefix_ + "probs", s_h = prefix_ + "fc1_output",
                     s_a = prefix_ + "act_output";
@@ -93,14 +93,14 @@ Tensor GroupedExperts::forward(const Tensor& x, const std::vector<int64_t>& rows
     return a;
   };
 
-  Tensor h = fc1(x, rows_);    // (N, F1)
+  Tensor h = fc1(x, rows);    // (N, F1)
   Tensor a = act_fwd(h, probs);  // (N, F)
   Tensor y = Tensor::empty({N, H}, dt, device_);  // (N, H)
-  ops::grouped_gemm(GroupedGemmMode::fwd, a, fc2_.value, y, rows_);
+  ops::grouped_gemm(GroupedGemmMode::fwd, a, fc2_.value, y, rows);
 
   store.save(s_x, x);
   store.save(s_p, probs);
-  store.save(s_h, h, [fc1, &store, s_x, r = rows_] { return fc1(store.get(s_x), r); });
+  store.save(s_h, h, [fc1, &store, s_x, r = rows] { return fc1(store.get(s_x), r); });
   store.save(s_a, a, [act_fwd, &store, s_h, s_p] { return act_fwd(store.get(s_h), store.get(s_p)); });
   return y;
 }
@@ -114,8 +114,11 @@ void GroupedExperts::backward(const Tensor& dy, Tensor& dx, Tensor& dprobs, Acti
   const DType dt = fc1_.value.dtype(), pdt = ops::prob_dtype_for(dt);
   const bool glu = config_.gated_linear_unit;
   const Activation act = activation_from_config(config_, who);
+  auto rit = rows_.find(&store);
+  MOE_CHECK(rit != rows_.end(), who, ": no pending forward with this store (backward called twice?)");
+  const std::vector<int64_t> rows = rit->second;  // released at the end (a failed check leaves it pending)
   int64_t N = 0;
-  for (int64_t r : rows_) N += r;
+  for (int64_t r : rows) N += r;
   dy.check_shape({N, H}, "GroupedExperts::backward: dy");
   dy.check_dtype(dt, "GroupedExperts::backward: dy");
   if (!dx.defined()) dx = Tensor::empty({N, H}, dt, device_);
@@ -126,21 +129,22 @@ void GroupedExperts::backward(const Tensor& dy, Tensor& dx, Tensor& dprobs, Acti
   dprobs.check_dtype(pdt, "GroupedExperts::backward: dprobs");
 
   // Buffers are reused once dead, so the backward holds at most one (N, F1) and one (N, F) tensor
-  // beyond the saved slots: da takes a's buffer after dW2 has read a; on the CPU, whose act_bwd
-  // reads every element before writing it, dh takes h's buffer (other backends get a fresh one);
-  // dx may be dy's buffer (the caller's choice): dy is last read before dx is written.
+  // beyond the saved slots: da takes a's buffer after dW2 has read a; dh takes h's buffer (act_bwd
+  // allows din = in on every backend: each element is read before it is written, by the same
+  // thread on CUDA); dx may be dy's buffer (the caller's choice): dy is last read before dx is
+  // written.
 
   // fc2: dW2 += dyᵀ a, da = dy · W2
   store.prefetch(s_h);
   Tensor da = store.get(s_a);                           // a (N, F), then da
-  ops::grouped_gemm(GroupedGemmMode::wgrad, dy, da, fc2_.grad, rows_, /*accumulate=*/true);
+  ops::grouped_gemm(GroupedGemmMode::wgrad, dy, da, fc2_.grad, rows, /*accumulate=*/true);
   store.drop(s_a);
-  ops::grouped_gemm(GroupedGemmMode::dgrad, dy, fc2_.value, da, rows_);
+  ops::grouped_gemm(GroupedGemmMode::dgrad, dy, fc2_.value, da, rows);
 
   // activation × prob: dh, dprobs
   Tensor h = store.get(s_h);                            // (N, F1)
   Tensor p = store.get(s_p);                            // (N)
-  Tensor dh = device_.is_cpu() ? h : Tensor::empty(h.shape(), dt, device_);  // (N, F1)
+  Tensor dh = h;                                        // (N, F1), in place
   ops::act_bwd(act, glu, h, &p, da, dh, &dprobs);
   store.drop(s_h);
   store.drop(s_p);
@@ -149,9 +153,10 @@ void GroupedExperts::backward(const Tensor& dy, Tensor& dx, Tensor& dprobs, Acti
 
   // fc1: dW1 += dhᵀ x, dx = dh · W1
   Tensor x = store.get(s_x);                            // (N, H)
-  ops::grouped_gemm(GroupedGemmMode::wgrad, dh, x, fc1_.grad, rows_, /*accumulate=*/true);
-  ops::grouped_gemm(GroupedGemmMode::dgrad, dh, fc1_.value, dx, rows_);
+  ops::grouped_gemm(GroupedGemmMode::wgrad, dh, x, fc1_.grad, rows, /*accumulate=*/true);
+  ops::grouped_gemm(GroupedGemmMode::dgrad, dh, fc1_.value, dx, rows);
   store.drop(s_x);
+  rows_.erase(&store);
 }
 
 }  // namespace moe

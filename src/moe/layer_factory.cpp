@@ -5,12 +5,12 @@
 namespace moe {
 
 LayerParts make_layer_parts(const MoEConfig& config, Device device, const std::shared_ptr<ProcessGroups>& groups,
-                            int64_t layer_number, const std::string& param_prefix) {
+                            int64_t layer_number, const std::string& param_prefix, bool pipeline_stage) {
   const MlpSpec shared_spec{param_prefix + "shared_experts.", config.moe_shared_expert_intermediate_size.value_or(0),
                             config.moe_shared_expert_gate};
   LayerParts p;
   if (!groups || groups->world().size() == 1) {
-    if (groups) validate_parallel(config, 1);
+    validate_parallel(config, 1);  // no groups, or a world of one: every parallel size must be 1
     p.router = std::make_unique<Router>(config, device, RouterGroups{}, layer_number, param_prefix);
     p.experts = std::make_unique<GroupedExperts>(config, device, ExpertsSharding{}, "experts.", param_prefix);
     if (config.has_shared_expert())
@@ -27,8 +27,9 @@ LayerParts make_layer_parts(const MoEConfig& config, Device device, const std::s
             "MoELayer: the process groups were built for tp ", have.tp, " cp ", have.cp, " pp ", have.pp, " ep ",
             have.ep, " etp ", have.etp, " (", have.order, ") but the config asks for tp ", want.tp, " cp ", want.cp,
             " pp ", want.pp, " ep ", want.ep, " etp ", want.etp, " (", want.order, ")");
-  MOE_CHECK_CODE(have.pp == 1, ErrorCode::not_supported,
-                 "MoELayer: pipeline_model_parallel_size must be 1 for a single layer, got ", have.pp);
+  MOE_CHECK_CODE(have.pp == 1 || pipeline_stage, ErrorCode::not_supported,
+                 "MoELayer: pipeline_model_parallel_size must be 1 for a single layer, got ", have.pp,
+                 " (pipeline stages are MoEGPTModel's)");
 
   const int64_t E = config.num_moe_experts, EP = g.ep().size(), G = E / EP;
   p.router = std::make_unique<Router>(config, device, RouterGroups{g.group_ptr(GroupKind::tp_cp),

@@ -20,7 +20,10 @@ struct LayerParts {
 };
 
 // param_prefix goes before every parameter's canonical name ("decoder.layers.3.mlp." in a model).
+// pipeline_stage: part of one pipeline stage of a model, so PP > 1 is allowed (a lone layer needs
+// PP = 1).
 LayerParts make_layer_parts(const MoEConfig& config, Device device, const std::shared_ptr<ProcessGroups>& groups,
-                            int64_t layer_number, const std::string& param_prefix = "");
+                            int64_t layer_number, const std::string& param_prefix = "",
+                            bool pipeline_stage = false);
 
 }  // namespace moe

@@ -273,13 +273,16 @@ RouterOutput Router::forward(const Tensor& x, const ForwardContext& ctx, Activat
 
   p->topk_idx = out.topk_idx;
   p->routing_map = out.routing_map;
-  pending_ = std::move(p);
+  pending_[&store] = std::move(p);
   return out;
 }
 
 void Router::backward(const Tensor& dprobs, Tensor& dx, ActivationStore& store) {
-  MOE_CHECK(pending_ != nullptr, "Router::backward: no pending forward (backward called twice, or before forward?)");
-  const Pending& p = *pending_;
+  auto pit = pending_.find(&store);
+  MOE_CHECK(pit != pending_.end(),
+            "Router::backward: no pending forward with this store (backward called twice, or before forward?)");
+  const std::shared_ptr<Pending> keep = pit->second;
+  const Pending& p = *keep;
   const int64_t E = config_.num_moe_experts, H = config_.hidden_size, T = p.T;
   const DType pd = weight_.value.dtype(), rd = router_dtype_;
   MOE_CHECK(dprobs.defined(), "Router::backward: dprobs is undefined");
@@ -314,7 +317,7 @@ void Router::backward(const Tensor& dprobs, Tensor& dx, ActivationStore& store) 
   Tensor dxp = pd == rd ? dxr : ops::cast(dxr, pd);
   if (p.noise.defined()) ops::mul(dxp, p.noise, dxp);
   ops::add_(dx, dxp);
-  pending_.reset();
+  pending_.erase(&store);
 }
 
 void Router::finish_step() {

@@ -149,7 +149,7 @@ void SharedExperts::backward(const Tensor& dout, Tensor& dx, ActivationStore& st
   }
 
   // fc2: dW2 += dygᵀ a, da = dyg · W2. As in the routed experts, da takes a's buffer once dW2 has
-  // read a, and on the CPU dh takes h's (its act_bwd reads every element before writing it).
+  // read a, and dh takes h's (act_bwd allows din = in on every backend).
   Tensor dyg = sp_all_gather(tp_, dy);  // (T·tp, H)
   Tensor da = store.get(s_a);           // a (T·tp, F), then da
   ops::gemm(dyg, true, da, false, fc2_.grad, 1.0, 1.0);
@@ -158,7 +158,7 @@ void SharedExperts::backward(const Tensor& dout, Tensor& dx, ActivationStore& st
 
   // activation
   Tensor h = store.get(s_h);                                                  // (T·tp, F1)
-  Tensor dh = device_.is_cpu() ? h : Tensor::empty(h.shape(), dt, device_);  // (T·tp, F1)
+  Tensor dh = h;  // (T·tp, F1), in place
   ops::act_bwd(act, glu, h, nullptr, da, dh, nullptr);
   store.drop(s_h);
   h = Tensor();

@@ -398,6 +398,45 @@ int64_t Optimizer::iteration() const { return impl_->iteration; }
 int64_t Optimizer::skipped_iterations() const { return impl_->skipped; }
 const OptimizerConfig& Optimizer::config() const { return impl_->config; }
 
+std::vector<OptimizerStateSlice> Optimizer::state_slices() {
+  Impl& I = *impl_;
+  std::vector<OptimizerStateSlice> out;
+  const bool adam = I.config.optimizer == "adam";
+  for (Impl::Bucket& b : I.buckets)
+    for (const Impl::Segment& s : b.update) {
+      OptimizerStateSlice o;
+      o.param = b.entries[s.entry].p;
+      o.begin = s.begin;
+      o.length = s.length;
+      if (s.master_off >= 0) o.master = b.master.narrow(s.master_off, s.length);
+      if (adam) {
+        o.exp_avg = b.m.narrow(s.state_off, s.length);
+        o.exp_avg_sq = b.v.narrow(s.state_off, s.length);
+      } else if (b.m.defined()) {
+        o.momentum = b.m.narrow(s.state_off, s.length);
+      }
+      out.push_back(std::move(o));
+    }
+  return out;
+}
+
+void Optimizer::set_iteration(int64_t iteration, int64_t skipped_iterations) {
+  MOE_CHECK(iteration >= 0 && skipped_iterations >= 0, "Optimizer::set_iteration: counts must be >= 0, got iteration ",
+            iteration, ", skipped ", skipped_iterations);
+  impl_->iteration = iteration;
+  impl_->skipped = skipped_iterations;
+}
+
+void Optimizer::reload_model_params() {
+  Impl& I = *impl_;
+  for (Impl::Bucket& b : I.buckets)
+    for (const Impl::Segment& s : b.update)
+      if (s.master_off >= 0) {
+        Tensor dst = b.master.narrow(s.master_off, s.length);
+        ops::cast_into(flat(b.entries[s.entry].p->value).narrow(s.begin, s.length), dst);
+      }
+}
+
 Tensor Optimizer::main_grad(const Parameter* p) const {
   auto it = impl_->where.find(p);
   MOE_CHECK(it != impl_->where.end(), "Optimizer::main_grad: '", p ? p->name : std::string("null"),

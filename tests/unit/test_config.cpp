@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <set>
 #include <string>
 #include <vector>
@@ -15,6 +16,7 @@
 #include "common/test_util.h"
 #include "moecore/config.h"
 #include "moecore/error.h"
+#include "moecore/moe_layer.h"
 
 using namespace moe;
 using moe::test::error_of;
@@ -33,7 +35,8 @@ MoEConfig base_config() {
   return c;
 }
 
-// A config with every key away from its default (and valid).
+// A config with every key away from its default. Some of those values are refused by validate()
+// (features not implemented); valid_full_config() resets exactly those.
 MoEConfig full_config() {
   MoEConfig c = base_config();
   c.moe_router_topk = 4;
@@ -70,8 +73,19 @@ MoEConfig full_config() {
   c.parallel_order = "tp-cp-ep-dp-pp";
   c.recompute_granularity = "selective";
   c.recompute_modules = {"moe_act", "shared_experts"};
+  c.recompute_method = "block";
+  c.recompute_num_layers = 2;
   c.fine_grained_activation_offloading = true;
   c.offload_modules = {"expert_fc1"};
+  return c;
+}
+
+// full_config() without the values validate() refuses.
+MoEConfig valid_full_config() {
+  MoEConfig c = full_config();
+  c.moe_shared_expert_overlap = false;
+  c.recompute_method.reset();
+  c.recompute_num_layers.reset();
   return c;
 }
 
@@ -84,7 +98,7 @@ void expect_same(const MoEConfig& a, const MoEConfig& b) { EXPECT_EQ(config_to_j
 
 TEST(ConfigJson, RoundTripEveryKey) {
   MoEConfig c = full_config();
-  ASSERT_NO_THROW(validate(c));
+  ASSERT_NO_THROW(validate(valid_full_config()));
   std::string text = config_to_json(c);
   for (const std::string& k : config_keys()) EXPECT_NE(text.find("\"" + k + "\""), std::string::npos) << k;
   MoEConfig back = config_from_json(text);
@@ -101,6 +115,41 @@ TEST(ConfigJson, RoundTripEveryKey) {
   EXPECT_EQ(back.expert_tensor_parallel_size, 1);
   EXPECT_EQ(back.offload_modules, (std::vector<std::string>{"expert_fc1"}));
   EXPECT_TRUE(back.moe_shared_expert_overlap);
+  EXPECT_EQ(back.sequence_parallel, true);
+  EXPECT_EQ(back.recompute_method, "block");
+  EXPECT_EQ(back.recompute_num_layers, 2);
+}
+
+TEST(ConfigJson, OptionalBoolKey) {
+  // sequence_parallel is unset by default (printed as null) and takes true, false or null.
+  EXPECT_NE(config_to_json(MoEConfig{}).find("\"sequence_parallel\": null"), std::string::npos);
+  EXPECT_FALSE(config_from_json("{}").sequence_parallel.has_value());
+  EXPECT_EQ(config_from_json(R"({"sequence_parallel": true})").sequence_parallel, true);
+  EXPECT_EQ(config_from_json(R"({"sequence_parallel": false})").sequence_parallel, false);
+  EXPECT_FALSE(config_from_json(R"({"sequence_parallel": null})").sequence_parallel.has_value());
+  EXPECT_TRUE(contains_all(error_of([] { config_from_json(R"({"sequence_parallel": 1})"); }),
+                           {"sequence_parallel", "a boolean (true or false) or null", "1"}));
+  MoEConfig c;
+  set_config_value(c, "--sequence-parallel", "true");
+  EXPECT_EQ(c.sequence_parallel, true);
+  set_config_value(c, "--sequence-parallel", "none");
+  EXPECT_FALSE(c.sequence_parallel.has_value());
+  EXPECT_TRUE(contains_all(error_of([&] { set_config_value(c, "--sequence-parallel", "maybe"); }),
+                           {"sequence_parallel", "boolean", "'maybe'"}));
+}
+
+TEST(ConfigJson, KeyShapes) {
+  EXPECT_EQ(config_key_shape("moe_router_pre_softmax"), ConfigKeyShape::boolean);
+  EXPECT_EQ(config_key_shape("--sequence-parallel"), ConfigKeyShape::boolean);  // optional<bool>
+  EXPECT_EQ(config_key_shape("moe_aux_loss_coeff"), ConfigKeyShape::list);
+  EXPECT_EQ(config_key_shape("moe-layer-freq"), ConfigKeyShape::list);
+  EXPECT_EQ(config_key_shape("recompute_modules"), ConfigKeyShape::list);
+  EXPECT_EQ(config_key_shape("moe_router_topk"), ConfigKeyShape::scalar);
+  EXPECT_EQ(config_key_shape("recompute_method"), ConfigKeyShape::scalar);
+  EXPECT_EQ(config_key_shape("moe_expert_capacity_factor"), ConfigKeyShape::scalar);
+  EXPECT_TRUE(contains_all(error_of([] { config_key_shape("moe_router_top_k"); }), {"moe_router_topk"}));
+  // Every key has a shape.
+  for (const std::string& k : config_keys()) EXPECT_NO_THROW(config_key_shape(k)) << k;
 }
 
 TEST(ConfigJson, DefaultsRoundTripWithNulls) {
@@ -226,7 +275,7 @@ class ConfigFile : public ::testing::Test {
   std::string dir_;
 };
 
-TEST_F(ConfigFile, LoadsAFile) {
+TEST_F(ConfigFile, LoadsAFile) {  // loading does not validate: full_config() holds refused values
   std::string p = write("ok.json", config_to_json(full_config()));
   expect_same(load_config(p), full_config());
 }
@@ -332,7 +381,7 @@ TEST(SetConfigValue, UnknownKeySuggestsClosest) {
 
 TEST(Validate, ValidConfigsPass) {
   EXPECT_NO_THROW(validate(base_config()));
-  EXPECT_NO_THROW(validate(full_config()));
+  EXPECT_NO_THROW(validate(valid_full_config()));
   MoEConfig c = base_config();
   c.moe_router_topk = 1;
   c.moe_router_pre_softmax = true;
@@ -345,11 +394,23 @@ TEST(Validate, ValidConfigsPass) {
   c.moe_aux_loss_coeff = {0.1};  // one coefficient applies to all
   EXPECT_NO_THROW(validate(c));
   c.activation_func = "squared_relu";
-  c.recompute_granularity = "full";
+  c.recompute_granularity = "selective";
   c.recompute_modules = {"moe"};
   c.parallel_order = "pp-dp-ep-cp-tp";
   c.moe_router_score_function = "sqrtsoftplus";
   c.moe_router_enable_expert_bias = true;
+  c.moe_router_topk_scaling_factor = 1e-3;
+  EXPECT_NO_THROW(validate(c));
+  // sequence_parallel: unset or true with TP > 1; anything with TP = 1 (no effect there).
+  c = base_config();
+  c.tensor_model_parallel_size = 2;
+  EXPECT_NO_THROW(validate(c));
+  c.sequence_parallel = true;
+  EXPECT_NO_THROW(validate(c));
+  c.tensor_model_parallel_size = 1;
+  c.sequence_parallel = false;
+  EXPECT_NO_THROW(validate(c));
+  c.sequence_parallel = true;
   EXPECT_NO_THROW(validate(c));
 }
 
@@ -442,8 +503,24 @@ TEST(Validate, EveryRuleRejectsNamingKeyAndValue) {
        {"moe_shared_expert_intermediate_size", "= 0"}},
       {"gate without shared", [](MoEConfig& c) { c.moe_shared_expert_gate = true; },
        {"moe_shared_expert_gate", "moe_shared_expert_intermediate_size"}},
-      {"overlap without shared", [](MoEConfig& c) { c.moe_shared_expert_overlap = true; },
-       {"moe_shared_expert_overlap", "moe_shared_expert_intermediate_size"}},
+      {"shared expert overlap", [](MoEConfig& c) { c.moe_shared_expert_overlap = true; },
+       {"moe_shared_expert_overlap = true is not supported", "side stream", "not implemented"}},
+      {"shared expert overlap, with a shared expert",
+       [](MoEConfig& c) {
+         c.moe_shared_expert_intermediate_size = 16;
+         c.moe_shared_expert_overlap = true;
+       },
+       {"moe_shared_expert_overlap = true is not supported", "not implemented"}},
+      {"topk scaling factor 0", [](MoEConfig& c) { c.moe_router_topk_scaling_factor = 0.0; },
+       {"moe_router_topk_scaling_factor", "finite number > 0", "= 0"}},
+      {"topk scaling factor < 0", [](MoEConfig& c) { c.moe_router_topk_scaling_factor = -2.5; },
+       {"moe_router_topk_scaling_factor", "-2.5"}},
+      {"topk scaling factor inf",
+       [](MoEConfig& c) { c.moe_router_topk_scaling_factor = std::numeric_limits<double>::infinity(); },
+       {"moe_router_topk_scaling_factor", "inf"}},
+      {"topk scaling factor nan",
+       [](MoEConfig& c) { c.moe_router_topk_scaling_factor = std::numeric_limits<double>::quiet_NaN(); },
+       {"moe_router_topk_scaling_factor", "nan"}},
       {"activation", [](MoEConfig& c) { c.activation_func = "swish"; }, {"activation_func", "'swish'", "relu2"}},
       {"params dtype", [](MoEConfig& c) { c.params_dtype = "fp16"; }, {"params_dtype", "'fp16'", "'bf16'"}},
       {"router dtype", [](MoEConfig& c) { c.moe_router_dtype = "bf16"; }, {"moe_router_dtype", "'bf16'", "'fp64'"}},
@@ -453,10 +530,28 @@ TEST(Validate, EveryRuleRejectsNamingKeyAndValue) {
       {"PP < 1", [](MoEConfig& c) { c.pipeline_model_parallel_size = 0; }, {"pipeline_model_parallel_size", "0"}},
       {"EP < 1", [](MoEConfig& c) { c.expert_model_parallel_size = -1; }, {"expert_model_parallel_size", "-1"}},
       {"ETP < 1", [](MoEConfig& c) { c.expert_tensor_parallel_size = 0; }, {"expert_tensor_parallel_size", "0"}},
-      {"dispatcher", [](MoEConfig& c) { c.moe_token_dispatcher_type = "flex"; },
-       {"moe_token_dispatcher_type", "'flex'", "'alltoall'"}},
+      {"dispatcher", [](MoEConfig& c) { c.moe_token_dispatcher_type = "dense"; },
+       {"moe_token_dispatcher_type", "'dense'", "'alltoall'"}},
+      {"flex dispatcher", [](MoEConfig& c) { c.moe_token_dispatcher_type = "flex"; },
+       {"moe_token_dispatcher_type = 'flex' is not supported", "DeepEP", "'alltoall'"}},
+      {"sequence_parallel false with TP 2",
+       [](MoEConfig& c) {
+         c.tensor_model_parallel_size = 2;
+         c.sequence_parallel = false;
+       },
+       {"sequence_parallel = false with tensor_model_parallel_size = 2 is not supported", "sequence-parallel"}},
       {"recompute granularity", [](MoEConfig& c) { c.recompute_granularity = "block"; },
        {"recompute_granularity", "'block'", "'selective'"}},
+      {"full recompute", [](MoEConfig& c) { c.recompute_granularity = "full"; },
+       {"recompute_granularity = 'full' is not supported", "full-layer recompute is not implemented", "selective"}},
+      {"recompute method value", [](MoEConfig& c) { c.recompute_method = "every"; },
+       {"recompute_method", "'every'", "'uniform'", "'block'"}},
+      {"recompute method", [](MoEConfig& c) { c.recompute_method = "uniform"; },
+       {"recompute_method = 'uniform' is not supported", "'full'", "not implemented"}},
+      {"recompute num layers < 1", [](MoEConfig& c) { c.recompute_num_layers = 0; },
+       {"recompute_num_layers", ">= 1", "0"}},
+      {"recompute num layers", [](MoEConfig& c) { c.recompute_num_layers = 4; },
+       {"recompute_num_layers = 4 is not supported", "not implemented"}},
       {"recompute module", [](MoEConfig& c) { c.recompute_modules = {"moe_act", "attention"}; },
        {"recompute_modules", "'attention'", "'shared_experts'"}},
       {"offload module",
@@ -543,11 +638,32 @@ TEST(ValidateParallel, RejectsNamingTheSizes) {
        },
        8, {"parallel_order = 'tp-pp-cp-ep-dp'", "pp stride 2", "pp stride 1"}},
       {"world < 1", [](MoEConfig&) {}, 0, {"world size", "0"}},
+      {"TP 2 on one process", [](MoEConfig& c) { c.tensor_model_parallel_size = 2; }, 1,
+       {"world size 1", "tensor_model_parallel_size", "without process groups"}},
+      {"EP 2 on one process", [](MoEConfig& c) { c.expert_model_parallel_size = 2; }, 1,
+       {"world size 1", "expert_model_parallel_size", "every parallel size must be 1"}},
       {"also validate()", [](MoEConfig& c) { c.moe_router_topk = 0; }, 8, {"moe_router_topk"}},
   };
   for (const Case& k : cases) {
     MoEConfig c = base_config();
     k.set(c);
     EXPECT_TRUE(contains_all(error_of([&] { validate_parallel(c, k.world); }), k.parts)) << k.what;
+  }
+}
+
+// A layer built without process groups runs on one process: parallel sizes > 1 in its config are
+// refused (they used to be ignored silently).
+TEST(ValidateParallel, LayerWithoutGroupsRefusesParallelSizes) {
+  MoEConfig c = base_config();
+  EXPECT_NO_THROW(MoELayer(c, Device::cpu()));
+  for (int which = 0; which < 4; ++which) {
+    MoEConfig p = c;
+    if (which == 0) p.tensor_model_parallel_size = 2;
+    if (which == 1) p.expert_model_parallel_size = 2;
+    if (which == 2) p.context_parallel_size = 2;
+    if (which == 3) p.expert_tensor_parallel_size = 2;
+    EXPECT_TRUE(contains_all(error_of([&] { MoELayer layer(p, Device::cpu()); }),
+                             {"world size 1", "without process groups"}))
+        << which;
   }
 }

@@ -122,8 +122,9 @@ TEST(ModelConfig, ParallelRules) {
   c.seq_length = 9;
   EXPECT_TRUE(contains_all(model_error(c, 2), {"seq_length = 9", "tensor_model_parallel_size·context_parallel_size = 2"}));
   c = model_config();
-  c.pipeline_model_parallel_size = 2;
-  EXPECT_TRUE(contains_all(model_error(c, 2), {"pipeline_model_parallel_size = 2", "not supported"}));
+  c.pipeline_model_parallel_size = 3;  // 4 layers over 3 stages need an explicit uneven split
+  EXPECT_TRUE(contains_all(model_error(c, 3), {"num_layers = 4", "pipeline_model_parallel_size = 3",
+                                                "decoder_first_pipeline_num_layers"}));
   c = model_config();
   c.tensor_model_parallel_size = 2;
   EXPECT_TRUE(contains_all(model_error(c, 1), {"world size 1", "tensor_model_parallel_size"}));  // TP 2 on one process

@@ -210,6 +210,9 @@ void narrow_into(const Tensor& f, Tensor& h) {
 
 // ---- the communicator ---------------------------------------------------------------------------
 
+// Tag of point-to-point transfers (collectives have their own matching context in MPI).
+constexpr int kP2PTag = 7301;
+
 // The state a posted operation references until it completes: requests, count/displacement
 // arrays and the buffers. On a timeout it is kept (never freed) so MPI can never touch freed memory.
 struct Pending {
@@ -362,6 +365,51 @@ class MpiCommunicator final : public Communicator {
     finish_output(t, h);
   }
 
+  void batch_send_recv(const std::vector<P2POp>& ops) override {
+    const char* kOp = "batch_send_recv";
+    usable(kOp);
+    comm::check_batch_send_recv(*this, ops);
+    // Each transfer moves one block of the tensor's bytes (count 1 of a bytes datatype, so sizes
+    // beyond INT_MAX work); a receive checks that exactly its bytes arrived.
+    auto p = std::make_unique<Pending>();
+    std::vector<Tensor> staged(ops.size());  // host buffers of the receives that need copying back
+    std::vector<std::unique_ptr<TypeGuard>> types;
+    std::vector<size_t> recv_req;            // index into ops of each request that is a receive
+    std::vector<size_t> req_op;
+    for (size_t i = 0; i < ops.size(); ++i) {
+      const P2POp& op = ops[i];
+      const size_t n = op.tensor.nbytes();
+      if (n == 0) continue;  // the peer skips its side too (same bytes on both sides)
+      types.push_back(std::make_unique<TypeGuard>(make_bytes_type(n)));
+      MPI_Datatype t = types.back()->t;
+      p->reqs.emplace_back();
+      if (op.kind == P2POp::Kind::send) {
+        Tensor h = host_input(op.tensor);
+        p->buffers.push_back(h);
+        post(p, MPI_Isend(h.data(), 1, t, op.peer, kP2PTag, comm_, &p->reqs.back()), kOp, "MPI_Isend");
+      } else {
+        Tensor h = host_output(op.tensor);
+        staged[i] = h;
+        p->buffers.push_back(h);
+        post(p, MPI_Irecv(h.data(), 1, t, op.peer, kP2PTag, comm_, &p->reqs.back()), kOp, "MPI_Irecv");
+      }
+      req_op.push_back(i);
+    }
+    if (p->reqs.empty()) return;
+    std::vector<MPI_Status> st = wait(std::move(p), kOp, "send/recv");
+    for (size_t r = 0; r < req_op.size(); ++r) {
+      const P2POp& op = ops[req_op[r]];
+      if (op.kind != P2POp::Kind::recv) continue;
+      int count = 0;
+      check(MPI_Get_count(&st[r], types[r]->t, &count), kOp, "MPI_Get_count");
+      MOE_CHECK_CODE(count == 1, ErrorCode::communication, kOp, " on ", comm::group_desc(*this), ": the receive of ",
+                     op.tensor.desc(), " from rank ", op.peer, " got fewer bytes than its ", op.tensor.nbytes(),
+                     " (the sender's tensor is smaller)");
+      Tensor out = op.tensor;
+      finish_output(out, staged[req_op[r]]);
+    }
+  }
+
   void barrier() override {
     usable("barrier");
     ibarrier("barrier", "barrier");
@@ -417,8 +465,9 @@ class MpiCommunicator final : public Communicator {
     check(rc, op, call);
   }
 
-  // Polls the requests until they complete, an error is reported, or the timeout passes.
-  void wait(std::unique_ptr<Pending> p, const char* op, const char* phase) {
+  // Polls the requests until they complete, an error is reported, or the timeout passes. Returns
+  // the requests' statuses.
+  std::vector<MPI_Status> wait(std::unique_ptr<Pending> p, const char* op, const char* phase) {
     const double limit = comm::timeout_seconds();
     const auto t0 = std::chrono::steady_clock::now();
     std::vector<MPI_Status> st(p->reqs.size());
@@ -438,7 +487,7 @@ class MpiCommunicator final : public Communicator {
         MOE_THROW(ErrorCode::communication, op, " on ", comm::group_desc(*this), " failed (phase: ", phase,
                   "): ", mpi_error_string(rc), " (MPI error ", rc, ")");
       }
-      if (flag) return;
+      if (flag) return st;
       double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       if (elapsed > limit) {
         broken_ = true;

@@ -9,7 +9,7 @@
 //
 // Variable-size collectives are grouped point-to-point or rooted calls: all_to_all_v = ncclSend /
 // ncclRecv per peer, all_gather_v = one ncclBroadcast per rank, reduce_scatter_v = one ncclReduce
-// per rank, each inside ncclGroupStart/End. Data movement uses ncclUint8 with byte counts (size_t,
+// per rank, each inside ncclGroupStart/End; batch_send_recv is its ncclSend / ncclRecv in one group. Data movement uses ncclUint8 with byte counts (size_t,
 // so there is no 2^31 limit); reductions use the tensor's dtype (NCCL rounds bf16/f16 at each hop).
 #include "comm/nccl/nccl_comm.h"
 
@@ -263,6 +263,32 @@ class NcclCommunicator final : public Communicator {
     cudaStream_t s = stream();
     call(ncclBroadcast(t.data(), t.data(), t.nbytes(), ncclUint8, root, comm_, s), kOp, "ncclBroadcast");
     wait_done(kOp, "broadcast", s);
+  }
+
+  void batch_send_recv(const std::vector<P2POp>& ops) override {
+    const char* kOp = "batch_send_recv";
+    usable(kOp);
+    comm::check_batch_send_recv(*this, ops);
+    bool any = false;
+    for (const P2POp& op : ops) {
+      on_device(kOp, op.tensor, op.kind == P2POp::Kind::send ? "sent tensor" : "received tensor");
+      any = any || op.tensor.nbytes() > 0;
+    }
+    if (!any) return;
+    DeviceGuard dg(device_.index);
+    cudaStream_t s = stream();
+    // One group: NCCL pairs each send with the peer's receive in posting order (a rank may send to
+    // itself). Byte counts must agree on both sides (ncclUint8, size_t counts).
+    call(ncclGroupStart(), kOp, "ncclGroupStart");
+    for (const P2POp& op : ops) {
+      if (op.tensor.nbytes() == 0) continue;
+      if (op.kind == P2POp::Kind::send)
+        call(ncclSend(op.tensor.data(), op.tensor.nbytes(), ncclUint8, op.peer, comm_, s), kOp, "ncclSend");
+      else
+        call(ncclRecv(op.tensor.data(), op.tensor.nbytes(), ncclUint8, op.peer, comm_, s), kOp, "ncclRecv");
+    }
+    call(ncclGroupEnd(), kOp, "ncclGroupEnd");
+    wait_done(kOp, "send/recv", s);
   }
 
   void barrier() override {

@@ -3,13 +3,17 @@
 // memory, copies on the current stream, and lazily created cuBLAS / cuBLASLt handles.
 //
 // Threading model: like the rest of libmoecore, one host thread drives a device. The current stream
-// belongs to the backend object (not to the calling thread); the allocator and the handle creation
+// belongs to the backend object (not to the calling thread); the allocators and the handle creation
 // are nevertheless mutex-protected so that concurrent frees (e.g. from a prefetch thread) are safe.
+// Memory used on several streams is protected by events (device/stream_pool.h); cuBLAS handles are
+// per stream.
 #include "device/cuda/cuda_backend.h"
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <unordered_map>
@@ -17,6 +21,7 @@
 #include <vector>
 
 #include "device/memory_counter.h"
+#include "device/stream_pool.h"
 #include "kernels/cuda/check.cuh"
 #include "kernels/ops.h"
 #include "moecore/logging.h"
@@ -49,20 +54,75 @@ class QuietDeviceGuard {
   int prev_ = 0;
 };
 
+// Host-blocking waits (stream / event / device synchronisation, device→host copies) of every CUDA
+// backend since the process started: cuda_host_sync_count().
+std::atomic<int64_t> g_host_syncs{0};
+void count_host_sync() { g_host_syncs.fetch_add(1, std::memory_order_relaxed); }
+
+// ---------------------------------------------------------------------------------------------
+// Events for the allocators' stream bookkeeping (device/stream_pool.h): created on demand, reused,
+// never destroyed (backends live until process exit). Failures never throw (frees run in
+// destructors): an event that cannot be recorded is replaced by synchronising its stream, and a
+// null event counts as complete.
+struct CudaEventOps {
+  using Stream = cudaStream_t;
+  using Event = cudaEvent_t;
+  std::vector<cudaEvent_t> spare;
+
+  cudaEvent_t record(cudaStream_t s) {
+    cudaEvent_t e = nullptr;
+    if (!spare.empty()) {
+      e = spare.back();
+      spare.pop_back();
+    } else if (cudaEventCreateWithFlags(&e, cudaEventDisableTiming) != cudaSuccess) {
+      (void)cudaGetLastError();
+      if (cudaStreamSynchronize(s) != cudaSuccess) (void)cudaGetLastError();
+      return nullptr;
+    }
+    if (cudaEventRecord(e, s) != cudaSuccess) {
+      (void)cudaGetLastError();
+      if (cudaStreamSynchronize(s) != cudaSuccess) (void)cudaGetLastError();
+      spare.push_back(e);
+      return nullptr;
+    }
+    return e;
+  }
+  bool done(cudaEvent_t e) {
+    if (!e) return true;
+    const cudaError_t err = cudaEventQuery(e);
+    if (err == cudaSuccess) return true;
+    (void)cudaGetLastError();
+    return err != cudaErrorNotReady;  // an error: nothing left to wait for
+  }
+  void wait(cudaEvent_t e) {
+    if (e && cudaEventSynchronize(e) != cudaSuccess) (void)cudaGetLastError();
+  }
+  void release(cudaEvent_t e) {
+    if (e) spare.push_back(e);
+  }
+};
+
 // ---------------------------------------------------------------------------------------------
 // Streams and events.
 class CudaStream final : public Stream {
  public:
   // owned: created here (non-blocking: ordering against other streams is by events only);
-  // otherwise a view of the legacy default stream (handle nullptr).
-  CudaStream(int device, cudaStream_t stream, bool owned) : device_(device), stream_(stream), owned_(owned) {}
+  // otherwise a view of the legacy default stream (handle nullptr). on_destroy runs after the
+  // stream's work has completed and before the handle is destroyed (the allocators forget it).
+  CudaStream(int device, cudaStream_t stream, bool owned, std::function<void(cudaStream_t)> on_destroy = {})
+      : device_(device), stream_(stream), owned_(owned), on_destroy_(std::move(on_destroy)) {}
   ~CudaStream() override {
     if (!owned_) return;
     QuietDeviceGuard g(device_);
+    // Work still queued may read memory the allocators would hand out again, and a later stream
+    // may get the same handle (with the same cuBLAS handle and workspace): finish it first.
+    if (cudaStreamSynchronize(stream_) != cudaSuccess) (void)cudaGetLastError();
+    if (on_destroy_) on_destroy_(stream_);
     if (cudaStreamDestroy(stream_) != cudaSuccess) (void)cudaGetLastError();
   }
   void synchronize() override {
     DeviceGuard g(device_);
+    count_host_sync();
     MOE_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
   void* native_handle() const override { return stream_; }
@@ -73,12 +133,18 @@ class CudaStream final : public Stream {
   int device_;
   cudaStream_t stream_;
   bool owned_;
+  std::function<void(cudaStream_t)> on_destroy_;
 };
+
+CudaStream* as_cuda_stream(Stream& s, const char* op) {
+  auto* cs = dynamic_cast<CudaStream*>(&s);
+  MOE_CHECK(cs != nullptr, op, ": expected a CUDA stream, got a stream of another backend");
+  return cs;
+}
 
 // The cudaStream_t of a Stream that must belong to `device`.
 cudaStream_t stream_for(Stream& s, int device, const char* op) {
-  auto* cs = dynamic_cast<CudaStream*>(&s);
-  MOE_CHECK(cs != nullptr, op, ": expected a stream of cuda:", device, ", got a stream of another backend");
+  CudaStream* cs = as_cuda_stream(s, op);
   MOE_CHECK(cs->device() == device, op, ": expected a stream of cuda:", device, ", got one of cuda:", cs->device());
   return cs->get();
 }
@@ -97,12 +163,16 @@ class CudaEvent final : public Event {
     DeviceGuard g(device_);
     MOE_CUDA_CHECK(cudaEventRecord(event_, stream_for(stream, device_, "Event::record")));
   }
+  // A stream of any CUDA device may wait for the event (cudaStreamWaitEvent accepts an event of
+  // another device): cross-device copies order both devices' streams this way.
   void wait(Stream& stream) override {
-    DeviceGuard g(device_);
-    MOE_CUDA_CHECK(cudaStreamWaitEvent(stream_for(stream, device_, "Event::wait"), event_, 0));
+    CudaStream* cs = as_cuda_stream(stream, "Event::wait");
+    DeviceGuard g(cs->device());
+    MOE_CUDA_CHECK(cudaStreamWaitEvent(cs->get(), event_, 0));
   }
   void synchronize() override {
     DeviceGuard g(device_);
+    count_host_sync();
     MOE_CUDA_CHECK(cudaEventSynchronize(event_));
   }
   bool query() override {
@@ -122,20 +192,21 @@ class CudaEvent final : public Event {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Caching device allocator. Requests are rounded up to a bucket size; freed blocks go to a free
-// list keyed by (stream at allocation, bucket size) and are reused only by an allocation of the same
-// bucket on the same stream, so reuse is ordered by the stream (work still reading a block on that
-// stream finishes before work enqueued later). A tensor used on another stream must be synchronised
-// with an event before it is freed (as with PyTorch's allocator without record_stream).
-// Counters: current/peak = bytes requested by live allocations; cached = bucket bytes of free
-// blocks. On cudaMalloc failure the cache is released and the call retried once.
+// Caching device allocator. Requests are rounded up to a bucket size; a freed block is reused by an
+// allocation of the same bucket on the stream it was allocated on, at once when no other stream can
+// have used it, else once events recorded on those streams have completed (device/stream_pool.h:
+// every stream made current while the block was alive, and the stream current at the free, count as
+// users). Counters: current/peak = bytes requested by live allocations; cached = bucket bytes of
+// free and pending blocks. On cudaMalloc failure the cache is released (waiting for pending blocks)
+// and the call retried once.
 class CachingAllocator {
  public:
   explicit CachingAllocator(int device) : device_(device) {}
   ~CachingAllocator() {
     QuietDeviceGuard g(device_);
     std::lock_guard<std::mutex> lock(mu_);
-    release_cache_quiet();
+    for (auto& [p, size] : pool_.drain())
+      if (cudaFree(p) != cudaSuccess) (void)cudaGetLastError();
   }
 
   // Bucket sizes: multiples of 512 B up to 1 MiB; above, multiples of max(1 MiB, 2^floor(log2 n)/8)
@@ -147,18 +218,23 @@ class CachingAllocator {
     return (bytes + step - 1) / step * step;
   }
 
+  void note_current(cudaStream_t s) {
+    std::lock_guard<std::mutex> lock(mu_);
+    pool_.note_current(s);
+  }
+  void forget_stream(cudaStream_t s) {
+    std::lock_guard<std::mutex> lock(mu_);
+    pool_.forget_stream(s, nullptr);
+  }
+
   void* allocate(size_t bytes, cudaStream_t stream) {
     if (bytes == 0) return nullptr;
     MOE_CHECK_CODE(bytes <= (size_t{1} << 62), ErrorCode::out_of_memory, "cuda:", device_,
                    " allocator: cannot allocate ", bytes, " bytes (more than any device holds)");
     const size_t size = bucket(bytes);
     std::lock_guard<std::mutex> lock(mu_);
-    auto it = free_.find(Key{reinterpret_cast<uintptr_t>(stream), size});
-    if (it != free_.end() && !it->second.empty()) {
-      void* p = it->second.back();
-      it->second.pop_back();
-      cached_ -= static_cast<int64_t>(size);
-      live_[p] = Block{size, bytes, stream};
+    if (void* p = pool_.take(size, stream)) {
+      requested_[p] = bytes;
       counter_.add(static_cast<int64_t>(bytes));
       return p;
     }
@@ -180,72 +256,122 @@ class CachingAllocator {
     }
     if (err != cudaSuccess) cuda::throw_cuda_error(err, "cudaMalloc", __FILE__, __LINE__);
     reserved_ += static_cast<int64_t>(size);
-    live_[p] = Block{size, bytes, stream};
+    pool_.add_live(p, size, stream);
+    requested_[p] = bytes;
     counter_.add(static_cast<int64_t>(bytes));
     return p;
   }
 
-  void deallocate(void* p) {
+  // `current`: the backend's current stream at the free.
+  void deallocate(void* p, cudaStream_t current) {
     if (!p) return;
     std::lock_guard<std::mutex> lock(mu_);
-    auto it = live_.find(p);
-    if (it == live_.end()) {
+    auto it = requested_.find(p);
+    if (it == requested_.end() || !pool_.give_back(p, current)) {
       // Called from destructors: report instead of throwing (a throw would terminate).
       log(LogLevel::error, "cuda:" + std::to_string(device_) +
                                " allocator: deallocate of a pointer it did not allocate (ignored; this is a bug)");
       return;
     }
-    Block b = it->second;
-    live_.erase(it);
-    counter_.sub(static_cast<int64_t>(b.requested));
-    free_[Key{reinterpret_cast<uintptr_t>(b.stream), b.size}].push_back(p);
-    cached_ += static_cast<int64_t>(b.size);
+    counter_.sub(static_cast<int64_t>(it->second));
+    requested_.erase(it);
   }
 
   void release_cache() {  // caller holds mu_
-    for (auto& [key, ptrs] : free_) {
-      for (void* p : ptrs) {
-        MOE_CUDA_CHECK(cudaFree(p));
-        reserved_ -= static_cast<int64_t>(key.size);
-        cached_ -= static_cast<int64_t>(key.size);
-      }
+    for (auto& [p, size] : pool_.drain()) {
+      MOE_CUDA_CHECK(cudaFree(p));
+      reserved_ -= static_cast<int64_t>(size);
     }
-    free_.clear();
   }
 
   int64_t cached_bytes() const {
     std::lock_guard<std::mutex> lock(mu_);
-    return cached_;
+    return pool_.cached_bytes();
   }
   const MemoryCounter& counter() const { return counter_; }
   MemoryCounter& counter() { return counter_; }
 
  private:
-  struct Block {
-    size_t size;       // bucket bytes
-    size_t requested;  // bytes asked for
-    cudaStream_t stream;
-  };
-  struct Key {
-    uintptr_t stream;
-    size_t size;
-    bool operator<(const Key& o) const { return stream != o.stream ? stream < o.stream : size < o.size; }
-  };
+  int device_;
+  mutable std::mutex mu_;
+  StreamPool<CudaEventOps> pool_;
+  std::unordered_map<void*, size_t> requested_;  // live block → bytes asked for
+  int64_t reserved_ = 0;  // bucket bytes obtained from cudaMalloc and not yet returned
+  MemoryCounter counter_;
+};
 
-  void release_cache_quiet() {
-    for (auto& [key, ptrs] : free_)
-      for (void* p : ptrs)
-        if (cudaFree(p) != cudaSuccess) (void)cudaGetLastError();
-    free_.clear();
-    cached_ = 0;
+// Pinned host memory (the offload target and the MPI staging buffers). cudaFreeHost is deferred until
+// every stream that may still copy from or to the buffer has passed an event recorded at the free
+// (its own stream included: a host→device copy from the buffer may still be queued), so a caller
+// may drop a pinned tensor right after enqueueing an asynchronous copy of it. Deferred buffers are
+// released at the next pinned allocation or free once their events completed.
+class PinnedAllocator {
+ public:
+  explicit PinnedAllocator(int device) : device_(device), pool_(CudaEventOps{}, /*fence_own_stream=*/true) {}
+  ~PinnedAllocator() {
+    QuietDeviceGuard g(device_);
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& [p, size] : pool_.drain())
+      if (cudaFreeHost(p) != cudaSuccess) (void)cudaGetLastError();
+  }
+  void note_current(cudaStream_t s) {
+    std::lock_guard<std::mutex> lock(mu_);
+    pool_.note_current(s);
+  }
+  void forget_stream(cudaStream_t s) {
+    std::lock_guard<std::mutex> lock(mu_);
+    pool_.forget_stream(s, nullptr);
+  }
+  void* allocate(size_t bytes, cudaStream_t stream) {
+    if (bytes == 0) return nullptr;
+    std::lock_guard<std::mutex> lock(mu_);
+    reap();
+    void* p = nullptr;
+    cudaError_t err = cudaMallocHost(&p, bytes);
+    if (err == cudaErrorMemoryAllocation) {  // wait for the deferred frees, then try once more
+      (void)cudaGetLastError();
+      for (auto& [q, size] : pool_.drain())
+        if (cudaFreeHost(q) != cudaSuccess) (void)cudaGetLastError();
+      err = cudaMallocHost(&p, bytes);
+    }
+    if (err == cudaErrorMemoryAllocation) {
+      (void)cudaGetLastError();
+      MOE_THROW(ErrorCode::out_of_memory, "cuda:", device_, " pinned host memory: cudaMallocHost(", bytes,
+                " bytes) failed (cudaErrorMemoryAllocation); ", counter_.current(), " pinned bytes held");
+    }
+    if (err != cudaSuccess) cuda::throw_cuda_error(err, "cudaMallocHost", __FILE__, __LINE__);
+    pool_.add_live(p, bytes, stream);
+    counter_.add(static_cast<int64_t>(bytes));
+    return p;
+  }
+  void deallocate(void* p, size_t bytes, cudaStream_t current) {
+    if (!p) return;
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!pool_.give_back(p, current)) {
+      log(LogLevel::error, "cuda:" + std::to_string(device_) +
+                               " pinned allocator: free of a pointer it did not allocate (ignored; this is a bug)");
+      return;
+    }
+    counter_.sub(static_cast<int64_t>(bytes));
+    reap();
+  }
+  size_t deferred() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return pool_.pending_count();
+  }
+  const MemoryCounter& counter() const { return counter_; }
+  MemoryCounter& counter() { return counter_; }
+
+ private:
+  void reap() {  // caller holds mu_
+    pool_.collect();
+    for (auto& [p, size] : pool_.take_free())
+      if (cudaFreeHost(p) != cudaSuccess) (void)cudaGetLastError();
   }
 
   int device_;
   mutable std::mutex mu_;
-  std::unordered_map<void*, Block> live_;
-  std::map<Key, std::vector<void*>> free_;
-  int64_t cached_ = 0;    // bucket bytes in free lists
-  int64_t reserved_ = 0;  // bucket bytes obtained from cudaMalloc and not yet returned
+  StreamPool<CudaEventOps> pool_;
   MemoryCounter counter_;
 };
 
@@ -253,16 +379,26 @@ class CachingAllocator {
 class CudaBackend final : public Backend {
  public:
   explicit CudaBackend(int index)
-      : index_(index), default_stream_(index, nullptr, /*owned=*/false), current_(&default_stream_), alloc_(index) {
+      : index_(index),
+        default_stream_(index, nullptr, /*owned=*/false),
+        current_(&default_stream_),
+        alloc_(index),
+        pinned_(index) {
     DeviceGuard g(index_);
     cudaDeviceProp prop;
     MOE_CUDA_CHECK(cudaGetDeviceProperties(&prop, index_));
     name_ = "cuda:" + std::to_string(index_) + " " + prop.name;
+    // cuBLAS workspace per handle (one handle per stream): PyTorch's default sizes, 32 MiB on
+    // Hopper and later, 8 MiB before.
+    blas_workspace_bytes_ = prop.major >= 9 ? (size_t{32} << 20) : (size_t{8} << 20);
     MOE_CUDA_CHECK(cudaFree(nullptr));  // create the context now so that failures surface here
+    alloc_.note_current(nullptr);
+    pinned_.note_current(nullptr);
   }
-  // The cuBLAS / cuBLASLt handles are deliberately not destroyed: backends live until process exit,
-  // when the CUDA runtime may already be torn down and destroying a handle can crash (PyTorch leaks
-  // its handles for the same reason). The allocator's cache is freed, ignoring late errors.
+  // The cuBLAS handles and their workspaces are deliberately not destroyed: backends live until
+  // process exit, when the CUDA runtime may already be torn down and destroying a handle can crash
+  // (PyTorch leaks its handles for the same reason). The allocators' caches are freed, ignoring late
+  // errors.
   ~CudaBackend() override = default;
 
   DeviceType type() const override { return DeviceType::cuda; }
@@ -272,33 +408,23 @@ class CudaBackend final : public Backend {
   void* allocate(size_t bytes, MemoryKind kind) override {
     DeviceGuard g(index_);
     if (kind == MemoryKind::device) return alloc_.allocate(bytes, current_->get());
-    if (bytes == 0) return nullptr;
-    void* p = nullptr;
-    cudaError_t err = cudaMallocHost(&p, bytes);
-    if (err == cudaErrorMemoryAllocation) {
-      (void)cudaGetLastError();
-      MOE_THROW(ErrorCode::out_of_memory, "cuda:", index_, " pinned host memory: cudaMallocHost(", bytes,
-                " bytes) failed (cudaErrorMemoryAllocation); ", pinned_.current(), " pinned bytes held");
-    }
-    if (err != cudaSuccess) cuda::throw_cuda_error(err, "cudaMallocHost", __FILE__, __LINE__);
-    pinned_.add(static_cast<int64_t>(bytes));
-    return p;
+    return pinned_.allocate(bytes, current_->get());
   }
 
   void deallocate(void* ptr, size_t bytes, MemoryKind kind) override {
     if (!ptr) return;
     QuietDeviceGuard g(index_);  // runs from Storage destructors: must not throw
     if (kind == MemoryKind::device) {
-      alloc_.deallocate(ptr);
+      alloc_.deallocate(ptr, current_->get());
       return;
     }
-    if (cudaFreeHost(ptr) != cudaSuccess) (void)cudaGetLastError();
-    pinned_.sub(static_cast<int64_t>(bytes));
+    pinned_.deallocate(ptr, bytes, current_->get());
   }
 
   // Copies run on the current stream. device_to_host synchronises that stream before returning so
   // host code can read the result; host_to_host (pinned buffers) first waits for the stream, since
-  // pending device copies may still be writing the source or reading the destination.
+  // pending device copies may still be writing the source or reading the destination. A pinned
+  // source of host_to_device may be freed right after the call (PinnedAllocator defers the free).
   void copy(void* dst, const void* src, size_t bytes, CopyKind kind) override {
     if (bytes == 0) return;
     DeviceGuard g(index_);
@@ -309,12 +435,16 @@ class CudaBackend final : public Backend {
         return;
       case CopyKind::device_to_host:
         MOE_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, s));
+        count_host_sync();
         MOE_CUDA_CHECK(cudaStreamSynchronize(s));
         return;
       case CopyKind::device_to_device:
-        MOE_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, s));
+        // cudaMemcpyDefault: the pointers may belong to another device (Tensor::copy_from orders
+        // the other device's stream with events).
+        MOE_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, s));
         return;
       case CopyKind::host_to_host:
+        count_host_sync();
         MOE_CUDA_CHECK(cudaStreamSynchronize(s));
         std::memmove(dst, src, bytes);
         return;
@@ -329,22 +459,28 @@ class CudaBackend final : public Backend {
 
   Stream& current_stream() override { return *current_; }
   void set_current_stream(Stream* stream) override {
-    if (!stream) {
-      current_ = &default_stream_;
-      return;
+    CudaStream* next = &default_stream_;
+    if (stream) {
+      stream_for(*stream, index_, "set_current_stream");  // checks backend and device
+      next = static_cast<CudaStream*>(stream);
     }
-    stream_for(*stream, index_, "set_current_stream");  // checks backend and device
-    current_ = static_cast<CudaStream*>(stream);
+    current_ = next;
+    alloc_.note_current(next->get());
+    pinned_.note_current(next->get());
   }
   std::unique_ptr<Stream> create_stream() override {
     DeviceGuard g(index_);
     cudaStream_t s = nullptr;
     MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-    return std::make_unique<CudaStream>(index_, s, /*owned=*/true);
+    return std::make_unique<CudaStream>(index_, s, /*owned=*/true, [this](cudaStream_t dead) {
+      alloc_.forget_stream(dead);
+      pinned_.forget_stream(dead);
+    });
   }
   std::unique_ptr<Event> create_event() override { return std::make_unique<CudaEvent>(index_); }
   void synchronize() override {
     DeviceGuard g(index_);
+    count_host_sync();
     MOE_CUDA_CHECK(cudaDeviceSynchronize());
   }
 
@@ -353,26 +489,36 @@ class CudaBackend final : public Backend {
     s.current_bytes = alloc_.counter().current();
     s.peak_bytes = alloc_.counter().peak();
     s.num_allocs = alloc_.counter().allocs();
-    s.pinned_current_bytes = pinned_.current();
-    s.pinned_peak_bytes = pinned_.peak();
+    s.pinned_current_bytes = pinned_.counter().current();
+    s.pinned_peak_bytes = pinned_.counter().peak();
     s.cached_bytes = alloc_.cached_bytes();
     return s;
   }
   void reset_peak_memory() override {
     alloc_.counter().reset_peak();
-    pinned_.reset_peak();
+    pinned_.counter().reset_peak();
   }
   const KernelTable& kernels() const override { return cuda_kernel_table(); }
 
-  // Handles are created on first use and bound to `stream` on every call.
+  // One cuBLAS handle per stream, created on first use, bound to that stream once and for all, with
+  // its own workspace (as PyTorch keeps one workspace per handle and stream), and with reduced-
+  // precision split-K reductions disallowed (bf16/f16 GEMMs reduce in f32, as the CPU does). A
+  // handle is only ever used on its stream, so no call rebinds a handle another thread is using.
   cublasHandle_t cublas(cudaStream_t stream) {
     std::lock_guard<std::mutex> lock(handle_mu_);
-    if (!cublas_) {
-      DeviceGuard g(index_);
-      MOE_CUBLAS_CHECK(cublasCreate(&cublas_));
-    }
-    MOE_CUBLAS_CHECK(cublasSetStream(cublas_, stream));
-    return cublas_;
+    auto it = blas_.find(stream);
+    if (it != blas_.end()) return it->second;
+    DeviceGuard g(index_);
+    cublasHandle_t h = nullptr;
+    MOE_CUBLAS_CHECK(cublasCreate(&h));
+    MOE_CUBLAS_CHECK(cublasSetStream(h, stream));
+    void* ws = nullptr;
+    MOE_CUDA_CHECK(cudaMalloc(&ws, blas_workspace_bytes_));
+    MOE_CUBLAS_CHECK(cublasSetWorkspace(h, ws, blas_workspace_bytes_));
+    MOE_CUBLAS_CHECK(cublasSetMathMode(
+        h, static_cast<cublasMath_t>(CUBLAS_DEFAULT_MATH | CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)));
+    blas_.emplace(stream, h);
+    return h;
   }
   cublasLtHandle_t cublaslt() {
     std::lock_guard<std::mutex> lock(handle_mu_);
@@ -382,6 +528,7 @@ class CudaBackend final : public Backend {
     }
     return cublaslt_;
   }
+  size_t pinned_deferred() const { return pinned_.deferred(); }
 
  private:
   int index_;
@@ -389,9 +536,10 @@ class CudaBackend final : public Backend {
   CudaStream default_stream_;
   CudaStream* current_;
   CachingAllocator alloc_;
-  MemoryCounter pinned_;
+  PinnedAllocator pinned_;
+  size_t blas_workspace_bytes_ = 0;
   std::mutex handle_mu_;
-  cublasHandle_t cublas_ = nullptr;
+  std::unordered_map<cudaStream_t, cublasHandle_t> blas_;
   cublasLtHandle_t cublaslt_ = nullptr;
 };
 
@@ -422,6 +570,28 @@ std::unique_ptr<Backend> make_cuda_backend(int index) {
   MOE_CHECK_CODE(index >= 0 && index < n, ErrorCode::not_supported, "make_cuda_backend: cuda:", index,
                  " requested but ", n, " CUDA device(s) are present");
   return std::make_unique<CudaBackend>(index);
+}
+
+std::string cuda_status() {
+  int n = 0, driver = 0, runtime = 0;
+  if (cudaDriverGetVersion(&driver) != cudaSuccess) (void)cudaGetLastError();
+  if (cudaRuntimeGetVersion(&runtime) != cudaSuccess) (void)cudaGetLastError();
+  const std::string versions = "driver supports CUDA " + std::to_string(driver / 1000) + "." +
+                               std::to_string(driver % 1000 / 10) + ", runtime " + std::to_string(runtime / 1000) +
+                               "." + std::to_string(runtime % 1000 / 10);
+  const cudaError_t err = cudaGetDeviceCount(&n);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    return std::string("cudaGetDeviceCount failed: ") + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) +
+           "); " + versions;
+  }
+  return std::to_string(n) + " CUDA device(s); " + versions;
+}
+
+int64_t cuda_host_sync_count() { return g_host_syncs.load(std::memory_order_relaxed); }
+
+size_t cuda_pinned_deferred_frees(int device) {
+  return static_cast<CudaBackend&>(get_backend(Device::cuda(device))).pinned_deferred();
 }
 
 void cuda_raise_test_error() {

@@ -165,6 +165,11 @@ int run(int argc, char** argv) {
   }
   MoEConfig cfg = megatron_model_defaults();
   TrainingArgs a = parse_megatron_args(argv_list, cfg);
+  // The model and moe_gpt_io run pipeline stages (src/model/pipeline.cpp); this trainer does not
+  // drive them yet (its evaluation, samples and checkpoints assume every rank holds every layer).
+  MOE_CHECK_CODE(cfg.pipeline_model_parallel_size == 1, ErrorCode::not_supported,
+                 "--pipeline-model-parallel-size ", cfg.pipeline_model_parallel_size,
+                 ": train_moe_gpt does not drive pipeline stages yet (examples/moe_gpt_io does); use 1");
   validate_model(cfg, world_size());  // before any communication
   if (a.threads > 0) set_num_threads(static_cast<int>(a.threads));
   std::shared_ptr<ProcessGroups> groups = ProcessGroups::for_launch(cfg);

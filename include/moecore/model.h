@@ -104,8 +104,9 @@ class MoEGPTModel {
   // from the loss). Returns the gradient of this stage's input for the previous stage (undefined
   // on the first stage). Releases the micro-batch's saved state.
   Tensor backward_stage(int64_t microbatch, const Tensor& output_grad);
-  // Drops a pending forward without its backward (forward-only schedules).
+  // Drops a pending forward without its backward (forward-only schedules); release_all(): every one.
   void release(int64_t microbatch);
+  void release_all();
   // Micro-batches whose forward on this stage is pending (their activations are held).
   int64_t pending_microbatches() const;
   // Device bytes held by the saved slots and per-micro-batch state of every pending micro-batch.
@@ -206,7 +207,8 @@ struct ScheduleResult {
 // every stage: each stage reads what it needs, and b from the tokens). ctx: the step's context;
 // micro-batch m runs with ctx.microbatch = m and loss_scale = ctx.loss_scale / M (Megatron's
 // division by num_microbatches; leave ctx.loss_scale at 1 for the step's mean). Gradients
-// accumulate into the parameters; call finish_grads_pipeline() afterwards.
+// accumulate into the parameters; call finish_grads_pipeline() afterwards. Forwards left pending
+// before the call (e.g. evaluation through forward()) are released first.
 ScheduleResult run_schedule(MoEGPTModel& model, const std::vector<MicroBatch>& batches, const ForwardContext& ctx,
                             const ScheduleOptions& options = {});
 

@@ -252,6 +252,12 @@ void MoEGPTModel::release(int64_t mb) {
   m.order.erase(std::remove(m.order.begin(), m.order.end(), mb), m.order.end());
 }
 
+void MoEGPTModel::release_all() {
+  std::vector<int64_t> ids = impl_->order;  // and states a failed forward left half made
+  for (const auto& [mb, st] : impl_->micro) ids.push_back(mb);
+  for (int64_t mb : ids) release(mb);
+}
+
 int64_t MoEGPTModel::pending_microbatches() const { return static_cast<int64_t>(impl_->order.size()); }
 
 int64_t MoEGPTModel::saved_activation_bytes() const {

@@ -363,6 +363,13 @@ TEST(PipelineSchedule, NoPipeliningScheduleIsTheLoop) {
   EXPECT_EQ(sched.embedding_group(), nullptr);
   EXPECT_EQ(sched.shared_embedding_copy(), nullptr);
   EXPECT_TRUE(contains_all(error_of([&] { run_schedule(sched, {}, ForwardContext{}); }), {"no micro-batches"}));
+  // A forward left without its backward (evaluation) does not stop the next step.
+  ForwardContext eval;
+  eval.training = false;
+  sched.forward(mbs[0], eval);
+  EXPECT_EQ(sched.pending_microbatches(), 1);
+  EXPECT_EQ(run_schedule(sched, mbs, ForwardContext{}).max_in_flight, 1);
+  EXPECT_EQ(sched.pending_microbatches(), 0);
 }
 
 TEST(PipelineSchedule, SingleRankPointToPointIsACopy) {

@@ -115,14 +115,16 @@ void print_samples(MoEGPTModel& model, const MoEConfig& cfg, const TrainingArgs&
   const ByteTokenizer tok;
   const int64_t S = cfg.seq_length, V = cfg.vocab_size;
   std::mt19937_64 rng(cfg.seed * 7919 + 17);
-  std::printf("samples (%s, max %lld new tokens):\n",
-              a.temperature <= 0 ? "greedy" : ("temperature " + std::to_string(a.temperature) +
-                                               (a.top_k > 0 ? ", top-k " + std::to_string(a.top_k) : "")).c_str(),
+  char how[96];
+  if (a.temperature <= 0) std::snprintf(how, sizeof how, "greedy");
+  else std::snprintf(how, sizeof how, "temperature %g, top-k %lld", a.temperature, static_cast<long long>(a.top_k));
+  std::printf("samples (%s, at most %lld new tokens; <eod> marks the model ending the text):\n", how,
               static_cast<long long>(a.max_new_tokens));
   for (const std::string& prompt : a.sample_prompts) {
     std::vector<int64_t> ids = tok.encode(prompt);
     if (static_cast<int64_t>(ids.size()) > S - 1) ids.erase(ids.begin(), ids.end() - (S - 1));
     const size_t prompt_len = ids.size();
+    bool ended = false;  // the model ended the document
     while (static_cast<int64_t>(ids.size()) < S && static_cast<int64_t>(ids.size() - prompt_len) < a.max_new_tokens) {
       std::vector<int64_t> window = ids;
       window.resize(static_cast<size_t>(S), ByteTokenizer::eod);
@@ -146,11 +148,15 @@ void print_samples(MoEGPTModel& model, const MoEConfig& cfg, const TrainingArgs&
           w[v] = logit[v] >= cut ? std::exp((logit[v] - sorted[0]) / a.temperature) : 0.0;
         next = std::discrete_distribution<int64_t>(w.begin(), w.end())(rng);
       }
-      if (next == ByteTokenizer::eod) break;
+      if (next == ByteTokenizer::eod) {
+        ended = true;
+        break;
+      }
       ids.push_back(next);
     }
     const std::string text = tok.decode(ids);
-    std::printf("  [%s]%s\n", prompt.c_str(), text.substr(std::min(text.size(), prompt.size())).c_str());
+    std::printf("  [%s]%s%s\n", prompt.c_str(), text.substr(std::min(text.size(), prompt.size())).c_str(),
+                ended ? "<eod>" : "");
   }
 }
 

@@ -33,7 +33,7 @@ defaults=(
   --data-path data/fortunes_text_document --split 98,2,0
   --eval-interval 100 --eval-iters 4 --log-interval 50
   --metrics-file out/metrics.jsonl --plots-dir out/plots
-  --sample-prompts "Q: What is the meaning of life?" "It is a truth universally acknowledged"
+  --sample-prompts $'Q: What is the meaning of life?\nA:' "There is no such thing as"
   --temperature 0.7 --top-k 10
 )
 if [ "$NP" -gt 1 ]; then defaults+=(--expert-model-parallel-size "$NP"); fi

@@ -5,6 +5,7 @@
 #   benchmarks/compare_cpu.sh [--threads 2] [--repeats 5] [--iters 3] [--warmup 1]
 #                             [--configs "mixtral-cpu deepseek-cpu small gpt-mixtral-cpu gpt-deepseek-cpu"]
 #                             [--build-dir DIR] [--peer-omp-wait passive|default] [--max-load 1.0]
+#                             [--nice 0]
 #
 # Builds moe_layer_bench and moe_gpt_bench in Release (CPU only) into --build-dir (default
 # build-bench), then for each repeat and each config runs ours and the peer one after the other,
@@ -18,6 +19,12 @@
 #
 # The machine may be shared: after the build the script waits (up to 5 minutes) for the 1-minute
 # load average to fall below --max-load, and prints the load before each repeat and at the end.
+# --nice N runs both sides (ours and the peer alike) at priority N for the measured runs; a negative
+# N (root only) keeps other work on a busy shared machine from taking the measured cores — there,
+# each OpenMP parallel region of either side waits for a worker the scheduler has not run yet.
+# Where the kernel groups processes by session (sched_autogroup, the Linux default), plain
+# `nice` only orders processes within one session, so the script sets its session's autogroup
+# nice (/proc/self/autogroup) for the runs and restores it on exit; elsewhere it uses `nice -n N`.
 #
 # The peer runs with OMP_WAIT_POLICY=PASSIVE by default: Debian's torch runs its elementwise ops on
 # OpenMP threads that spin after each op while OpenBLAS's own pthreads need the same cores for the
@@ -42,6 +49,7 @@ WARMUP=1
 CONFIGS="mixtral-cpu deepseek-cpu small gpt-mixtral-cpu gpt-deepseek-cpu"
 PEER_WAIT=passive
 MAX_LOAD=1.0
+NICE=0
 BUILD="$ROOT/build-bench"
 PYTHON=${PYTHON:-/usr/bin/python3}
 while [[ $# -gt 0 ]]; do
@@ -54,6 +62,7 @@ while [[ $# -gt 0 ]]; do
     --build-dir) BUILD=$(realpath -m "$2"); shift 2 ;;
     --peer-omp-wait) PEER_WAIT=$2; shift 2 ;;
     --max-load) MAX_LOAD=$2; shift 2 ;;
+    --nice) NICE=$2; shift 2 ;;
     -h|--help) sed -n '2,/^set -euo/{/^set -euo/d;p}' "$0"; exit 0 ;;
     *) echo "compare_cpu.sh: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -99,6 +108,19 @@ PEER_OK=1
 "$PYTHON" -c "import torch" 2>/dev/null || { PEER_OK=0; echo "== no torch for $PYTHON: the peer columns stay empty"; }
 
 load1() { cut -d' ' -f1 /proc/loadavg; }
+NICE_CMD=(nice -n 0)
+NICE_HOW="none"
+if [[ $NICE != 0 ]]; then
+  if [[ $(cat /proc/sys/kernel/sched_autogroup_enabled 2>/dev/null) == 1 && -w /proc/self/autogroup ]]; then
+    AUTOGROUP_OLD=$(awk '{print $NF}' /proc/self/autogroup)
+    trap 'echo "$AUTOGROUP_OLD" > /proc/self/autogroup 2>/dev/null || true' EXIT
+    echo "$NICE" > /proc/self/autogroup || { echo "compare_cpu.sh: cannot set the autogroup nice to $NICE" >&2; exit 1; }
+    NICE_HOW="autogroup nice $NICE ($(cat /proc/self/autogroup))"
+  else
+    NICE_CMD=(nice -n "$NICE")
+    NICE_HOW="nice -n $NICE"
+  fi
+fi
 for ((i = 0; i < 60; i++)); do
   awk -v l="$(load1)" -v m="$MAX_LOAD" 'BEGIN { exit !(l < m) }' && break
   [[ $i == 0 ]] && echo "== waiting for the 1-minute load ($(load1)) to fall below $MAX_LOAD"
@@ -109,7 +131,7 @@ done
   echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo "machine: $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(getconf _NPROCESSORS_ONLN) cores, $(free -g | awk '/Mem:/{print $2}') GiB; $(uname -r)"
   echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
-  echo "threads $THREADS, repeats $REPEATS, $ITERS steps after $WARMUP warm-up per run"
+  echo "threads $THREADS, repeats $REPEATS, $ITERS steps after $WARMUP warm-up per run; priority: $NICE_HOW (both sides)"
   if [[ $PEER_OK == 1 ]]; then
     "$PYTHON" -c "import torch; print('peer: torch', torch.__version__)"
     echo "peer BLAS: libblas.so.3 -> $(readlink -f /usr/lib/x86_64-linux-gnu/libblas.so.3 2>/dev/null || echo '?'); peer env: ${PEER_ENV[*]:-(as is)}"
@@ -121,11 +143,11 @@ for ((r = 1; r <= REPEATS; r++)); do
   for cfg in $CONFIGS; do
     f=$(flags_of "$cfg")
     # shellcheck disable=SC2086
-    "$(bench_of "$cfg")" $f --iters "$ITERS" --warmup "$WARMUP" --threads "$THREADS" --sgemm-reps 3 > "$OUT/ours.$cfg.$r.txt"
+    "${NICE_CMD[@]}" "$(bench_of "$cfg")" $f --iters "$ITERS" --warmup "$WARMUP" --threads "$THREADS" --sgemm-reps 3 > "$OUT/ours.$cfg.$r.txt"
     echo "  [$r/$REPEATS] $cfg ours: $(tail -1 "$OUT/ours.$cfg.$r.txt")"
     if [[ $PEER_OK == 1 ]]; then
       # shellcheck disable=SC2086
-      env "${PEER_ENV[@]}" "$PYTHON" "$(peer_of "$cfg")" $f --iters "$ITERS" --warmup "$WARMUP" --threads "$THREADS" \
+      "${NICE_CMD[@]}" env "${PEER_ENV[@]}" "$PYTHON" "$(peer_of "$cfg")" $f --iters "$ITERS" --warmup "$WARMUP" --threads "$THREADS" \
         > "$OUT/peer.$cfg.$r.txt"
       echo "  [$r/$REPEATS] $cfg peer: $(tail -1 "$OUT/peer.$cfg.$r.txt")"
     fi

@@ -508,6 +508,7 @@ def main(argv):
     print("%-28s %14.2f" % ("forward ms (median)", statistics.median(t_fwd) * 1e3))
     print("%-28s %14.2f" % ("backward ms (median)", statistics.median(t_bwd) * 1e3))
     print("%-28s %14.2f" % ("step ms (median)", step * 1e3))
+    print("%-28s %14s" % ("step ms (each)", " ".join("%d" % round(t * 1e3) for t in t_step)))
     print("%-28s %14.1f" % ("tokens/s", tokens_per_s))
     print("%-28s %14.3f" % ("model GFLOP per step", flops * 1e-9))
     print("%-28s %14.2f" % ("GFLOP/s", gflops))

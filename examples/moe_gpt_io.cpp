@@ -27,6 +27,7 @@
 
 #include "common/args.h"
 #include "common/io_params.h"
+#include "common/stage_gather.h"
 #include "common/run_main.h"
 #include "moecore/distributed.h"
 #include "moecore/moecore.h"
@@ -38,88 +39,6 @@ namespace {
 
 // Rows [begin, begin + count) of a (B, S) host tensor, as a fresh (count, S) tensor.
 Tensor rows_of(const Tensor& t, int64_t begin, int64_t count) { return t.narrow(begin, count).clone(); }
-
-// Every rank's parameters (a pipeline stage holds only its own), as canonical name → shape, in the
-// order of the ranks (stage 0's first) and of each rank's parameters(). Collective over the world.
-std::vector<std::pair<std::string, Shape>> model_parameters_everywhere(const std::vector<const Parameter*>& mine,
-                                                                       Communicator& world) {
-  std::string text;
-  for (const Parameter* p : mine) {
-    text += p->name + "|";
-    for (int64_t d : p->canonical_shape) text += std::to_string(d) + ",";
-    text += "\n";
-  }
-  const int n = world.size();
-  Tensor len = Tensor::from_vector(std::vector<int64_t>{static_cast<int64_t>(text.size())}, {1});
-  Tensor lens = Tensor::empty({n}, DType::i64);
-  world.all_gather(len, lens);
-  std::vector<int64_t> rows = lens.to_vector<int64_t>();
-  int64_t total = 0;
-  for (int64_t r : rows) total += r;
-  std::vector<uint8_t> bytes(text.begin(), text.end());
-  Tensor all = Tensor::empty({total}, DType::u8);
-  world.all_gather_v(Tensor::from_vector(bytes, {static_cast<int64_t>(bytes.size())}), all, rows);
-  const std::vector<uint8_t> got = all.to_vector<uint8_t>();
-  std::vector<std::pair<std::string, Shape>> out;
-  std::set<std::string> seen;
-  std::string line;
-  for (uint8_t ch : got) {
-    if (ch != '\n') {
-      line.push_back(static_cast<char>(ch));
-      continue;
-    }
-    const size_t bar = line.find('|');
-    std::string name = line.substr(0, bar);
-    Shape shape;
-    for (size_t pos = bar + 1; pos < line.size();) {
-      size_t comma = line.find(',', pos);
-      shape.push_back(std::stoll(line.substr(pos, comma - pos)));
-      pos = comma + 1;
-    }
-    if (seen.insert(name).second) out.emplace_back(name, shape);
-    line.clear();
-  }
-  return out;
-}
-
-// The canonical (unsharded) f32 tensor of a parameter's gradient from the ranks that hold a shard
-// (`p` null on the others: another pipeline stage). Replicas hold equal values; the lowest world
-// rank's wins (the first stage's copy of a tied word embedding). Collective over the world.
-Tensor gather_gradient(const std::string& name, const Shape& shape, const Parameter* p, Communicator& world) {
-  std::vector<double> vals;
-  std::vector<int64_t> idx;
-  if (p) {
-    Tensor g = p->grad.device().is_cpu() ? p->grad : p->grad.to(Device::cpu());
-    vals = (g.dtype() == DType::f64 ? g : g.to_dtype(DType::f64)).to_vector<double>();
-    idx = shard_canonical_indices(p->canonical_shape, p->shard);
-  }
-  const int n = world.size();
-  Tensor count = Tensor::from_vector(std::vector<int64_t>{static_cast<int64_t>(vals.size())}, {1});
-  Tensor counts = Tensor::empty({n}, DType::i64);
-  world.all_gather(count, counts);
-  std::vector<int64_t> rows = counts.to_vector<int64_t>();
-  int64_t total = 0;
-  for (int64_t r : rows) total += r;
-  Tensor all_vals = Tensor::empty({total}, DType::f64), all_idx = Tensor::empty({total}, DType::i64);
-  world.all_gather_v(Tensor::from_vector(vals, {static_cast<int64_t>(vals.size())}), all_vals, rows);
-  world.all_gather_v(Tensor::from_vector(idx, {static_cast<int64_t>(idx.size())}), all_idx, rows);
-  const std::vector<double> v = all_vals.to_vector<double>();
-  const std::vector<int64_t> ix = all_idx.to_vector<int64_t>();
-  const int64_t numel = shape_numel(shape);
-  std::vector<float> out(static_cast<size_t>(numel), 0.0f);
-  std::vector<char> have(static_cast<size_t>(numel), 0);
-  for (int64_t i = 0; i < total; ++i) {
-    const size_t c = static_cast<size_t>(ix[static_cast<size_t>(i)]);
-    if (!have[c]) {
-      out[c] = static_cast<float>(v[static_cast<size_t>(i)]);
-      have[c] = 1;
-    }
-  }
-  for (char h : have)
-    MOE_CHECK_CODE(h, ErrorCode::internal, "moe_gpt_io: the ranks' shards of '", name, "' do not cover ",
-                   shape_str(shape));
-  return Tensor::from_vector(out, shape);
-}
 
 int run(int argc, char** argv) {
   examples::Args args(argc, argv);
@@ -162,7 +81,7 @@ int run(int argc, char** argv) {
   // optional; the file may hold the other stages' parameters and nothing else.
   const std::vector<Parameter*> params = model.parameters();
   const std::vector<std::pair<std::string, Shape>> everywhere =
-      model_parameters_everywhere(std::vector<const Parameter*>(params.begin(), params.end()), *world);
+      examples::model_parameters_everywhere(std::vector<const Parameter*>(params.begin(), params.end()), *world);
   std::set<std::string> known = {"tokens", "labels", "loss_mask"};
   for (const auto& [name, shape] : everywhere) known.insert(name);
   examples::load_parameters(in, in_path, model.parameters(), known, "tokens, labels, loss_mask");
@@ -239,12 +158,12 @@ int run(int argc, char** argv) {
     // Which names are trainable anywhere: the stages agree through one more gather of names.
     std::vector<const Parameter*> mine;
     for (const auto& [name, p] : local) mine.push_back(p);
-    for (const auto& [name, shape] : model_parameters_everywhere(mine, *world)) trainable.insert(name);
+    for (const auto& [name, shape] : examples::model_parameters_everywhere(mine, *world)) trainable.insert(name);
   }
   for (const auto& [name, shape] : everywhere) {
     if (!trainable.count(name)) continue;
     auto it = local.find(name);
-    tensors.emplace_back("grad." + name, gather_gradient(name, shape, it == local.end() ? nullptr : it->second, *world));
+    tensors.emplace_back("grad." + name, examples::gather_canonical(name, shape, it == local.end() ? nullptr : it->second, /*use_grad=*/true, *world));
   }
   for (int64_t i = 0; i < cfg.num_layers; ++i) {
     if (!model.is_moe_layer(i)) continue;

@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "common/run_main.h"
+#include "common/stage_gather.h"
 #include "moecore/checkpoint.h"
 #include "moecore/data.h"
 #include "moecore/distributed.h"
@@ -88,15 +89,17 @@ double mean_over(Communicator& group, double v) {
 double evaluate(MoEGPTModel& model, Batches& valid, int64_t eval_iters, int64_t M, int64_t micro, ProcessGroups& g) {
   double sum = 0.0;
   const int64_t DP = g.dp_size(), gbs = M * micro * DP;
+  ScheduleOptions so;
+  so.forward_only = true;
   for (int64_t e = 0; e < eval_iters; ++e) {
-    for (int64_t m = 0; m < M; ++m) {
-      ForwardContext ctx;
-      ctx.training = false;
-      sum += model.forward(micro_batch(*valid.data, valid.consumed, m, micro, DP, g.dp().rank()), ctx);
-    }
+    std::vector<MicroBatch> batches;
+    for (int64_t m = 0; m < M; ++m) batches.push_back(micro_batch(*valid.data, valid.consumed, m, micro, DP, g.dp().rank()));
+    ForwardContext ctx;
+    ctx.training = false;
+    sum += run_schedule(model, batches, ctx, so).loss;  // the mean over the M micro-batches, on every stage
     valid.consumed += gbs;
   }
-  return mean_over(g.dp(), sum / static_cast<double>(eval_iters * M));
+  return mean_over(g.dp(), sum / static_cast<double>(eval_iters));
 }
 
 // Text from the trained model: the parameters gathered to rank 0 into a one-process copy, then
@@ -104,12 +107,23 @@ double evaluate(MoEGPTModel& model, Batches& valid, int64_t eval_iters, int64_t 
 // fixed seq_length; positions after the text are filled with the end-of-document token, which the
 // causal mask keeps from influencing earlier positions).
 void print_samples(MoEGPTModel& model, const MoEConfig& cfg, const TrainingArgs& a, Communicator& world) {
+  // Every parameter, whichever pipeline stage holds it (the first stage's copy of a tied embedding).
+  std::vector<Parameter*> mine_p = model.parameters();
   std::vector<std::pair<std::string, Tensor>> canonical;
-  for (Parameter* p : model.parameters()) canonical.emplace_back(p->name, gather_parameter(*p, false, world));
+  for (const auto& [name, shape] :
+       examples::model_parameters_everywhere(std::vector<const Parameter*>(mine_p.begin(), mine_p.end()), world)) {
+    const Parameter* p = nullptr;
+    for (const Parameter* q : mine_p)
+      if (q->name == name) p = q;
+    canonical.emplace_back(name, examples::gather_canonical(name, shape, p, /*use_grad=*/false, world));
+  }
   if (world.rank() != 0) return;
   MoEConfig one = cfg;
   one.tensor_model_parallel_size = one.context_parallel_size = one.expert_model_parallel_size = 1;
   one.expert_tensor_parallel_size = 1;
+  one.pipeline_model_parallel_size = 1;
+  one.decoder_first_pipeline_num_layers.reset();
+  one.decoder_last_pipeline_num_layers.reset();
   MoEGPTModel m(one, model.device());
   for (auto& [name, t] : canonical) load_shard(*m.find_parameter(name), t);
   const ByteTokenizer tok;
@@ -171,11 +185,11 @@ int run(int argc, char** argv) {
   }
   MoEConfig cfg = megatron_model_defaults();
   TrainingArgs a = parse_megatron_args(argv_list, cfg);
-  // The model and moe_gpt_io run pipeline stages (src/model/pipeline.cpp); this trainer does not
-  // drive them yet (its evaluation, samples and checkpoints assume every rank holds every layer).
-  MOE_CHECK_CODE(cfg.pipeline_model_parallel_size == 1, ErrorCode::not_supported,
-                 "--pipeline-model-parallel-size ", cfg.pipeline_model_parallel_size,
-                 ": train_moe_gpt does not drive pipeline stages yet (examples/moe_gpt_io does); use 1");
+  // Checkpoints of pipeline stages (each stage saving its layers, the tied copies) have not been
+  // tested yet: refused with PP > 1 until they are.
+  MOE_CHECK_CODE(cfg.pipeline_model_parallel_size == 1 || (a.save.empty() && a.load.empty()),
+                 ErrorCode::not_supported, "--save / --load with --pipeline-model-parallel-size ",
+                 cfg.pipeline_model_parallel_size, " is not supported yet (checkpoints of pipeline stages are untested)");
   validate_model(cfg, world_size());  // before any communication
   if (a.threads > 0) set_num_threads(static_cast<int>(a.threads));
   std::shared_ptr<ProcessGroups> groups = ProcessGroups::for_launch(cfg);
@@ -213,6 +227,7 @@ int run(int argc, char** argv) {
   oc.sgd_momentum = a.sgd_momentum;
   oc.clip_grad = a.clip_grad;
   oc.use_distributed_optimizer = a.use_distributed_optimizer;
+  oc.not_in_norm = model.shared_embedding_copy();  // PP > 1, tied: the first stage counts it
   Optimizer opt(model.parameters(), oc, groups);
   const LRScheduler sched(a, gbs);
 
@@ -272,7 +287,7 @@ int run(int argc, char** argv) {
   const bool one_aux = cfg.moe_router_load_balancing_type.size() == 1 && aux_coeff > 0;
   MoEStats win;
   win.reset(moe_layers.size(), cfg.num_moe_experts);
-  double win_lm = 0.0, win_norm = 0.0, last_val = std::nan("");
+  double win_lm = 0.0, win_norm = 0.0, win_bubble = 0.0, last_val = std::nan("");
   int64_t win_iters = 0, nan_iters = 0;
   // A progress bar only for one process on a terminal (mpirun hands its ranks a pseudo-terminal).
   ProgressIndicator progress(iters, root && world.size() == 1 && stdout_is_tty());
@@ -317,16 +332,18 @@ int run(int argc, char** argv) {
   for (int64_t it = first_iter; it <= iters; ++it) {
     const double lr = sched.lr(it - 1);
     opt.zero_grad();
-    double step_lm = 0.0;
-    for (int64_t m = 0; m < M; ++m) {
-      ForwardContext ctx;
-      ctx.step = it;
-      ctx.microbatch = m;
-      ctx.loss_scale = 1.0 / static_cast<double>(M);
-      step_lm += model.forward(micro_batch(*train.data, train.consumed, m, micro, DP, groups->dp().rank()), ctx) /
-                 static_cast<double>(M);
+    std::vector<MicroBatch> batches;
+    for (int64_t m = 0; m < M; ++m)
+      batches.push_back(micro_batch(*train.data, train.consumed, m, micro, DP, groups->dp().rank()));
+    ForwardContext ctx;
+    ctx.step = it;  // the schedule runs micro-batch m with loss scale 1/M
+    ScheduleOptions so;
+    so.after_backward = [&](int64_t) { opt.accumulate_grads(); };
+    so.after_forward = [&](int64_t) {
       for (size_t l = 0; l < moe_layers.size(); ++l) {
-        const RoutingSummary& r = model.moe_layer(moe_layers[l])->last_routing();
+        MoELayer* layer = model.moe_layer(moe_layers[l]);
+        if (!layer) continue;  // on another pipeline stage
+        const RoutingSummary& r = layer->last_routing();
         int64_t routed = 0;
         for (size_t e = 0; e < r.tokens_per_expert.size(); ++e) {
           win.tokens[l][e] += r.tokens_per_expert[e];
@@ -337,13 +354,14 @@ int run(int argc, char** argv) {
         if (!cfg.moe_pad_expert_input_to_capacity)
           win.dropped[l] += r.routing_map.size(0) * cfg.moe_router_topk - routed;
       }
-      model.backward();
-      opt.accumulate_grads();
-    }
+    };
+    const ScheduleResult sr = run_schedule(model, batches, ctx, so);
+    model.finish_grads_pipeline([&](Parameter& p) { return opt.main_grad(&p); });  // tied embedding over PP
     const OptimizerStepResult res = opt.step(lr);
     model.finish_step();
     train.consumed += gbs;
-    const double lm = mean_over(groups->dp(), step_lm);
+    win_bubble += sr.bubble_s;
+    const double lm = mean_over(groups->dp(), sr.loss);
     if (!std::isfinite(lm) || !std::isfinite(res.grad_norm)) ++nan_iters;
     win_lm += lm;
     win_norm += res.grad_norm;
@@ -361,9 +379,11 @@ int run(int argc, char** argv) {
       }
       Tensor lt = Tensor::from_vector(per_layer.empty() ? std::vector<double>{0.0} : per_layer,
                                       {std::max<int64_t>(1, static_cast<int64_t>(per_layer.size()))});
-      groups->dp().all_reduce(lt);
+      // Each rank of a layer's stage holds its replica's value (TP×CP ranks alike); other stages 0.
+      world.all_reduce(lt);
       std::vector<double> losses_l = lt.to_vector<double>();
-      for (double& v : losses_l) v /= static_cast<double>(DP);
+      const double holders = static_cast<double>(DP * groups->tp().size() * groups->cp().size());
+      for (double& v : losses_l) v /= holders;
       StepMetrics sm;
       sm.iteration = it;
       sm.consumed_samples = train.consumed;
@@ -411,11 +431,14 @@ int run(int argc, char** argv) {
         f.peak_memory_mb = static_cast<double>(sm.peak_bytes) / (1024.0 * 1024.0);
         progress.clear();
         std::printf("%s\n", format_train_log_line(f).c_str());
+        if (cfg.pipeline_model_parallel_size > 1)
+          std::printf("  pipeline: stage 0 (rank 0) spent %.1f ms per iteration in point-to-point transfers (bubble)\n",
+                      1e3 * win_bubble / static_cast<double>(win_iters));
         std::fflush(stdout);
         if (metrics) metrics->write_step(sm);
       }
       win.reset(moe_layers.size(), cfg.num_moe_experts);
-      win_lm = win_norm = 0.0;
+      win_lm = win_norm = win_bubble = 0.0;
       win_iters = 0;
       t_window = std::chrono::steady_clock::now();
     }

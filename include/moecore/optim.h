@@ -29,6 +29,10 @@ struct OptimizerConfig {             // Megatron's argument names
   double weight_decay = 0.01, adam_beta1 = 0.9, adam_beta2 = 0.999, adam_eps = 1e-8, sgd_momentum = 0.9;
   double clip_grad = 1.0;            // 0: no clipping
   bool use_distributed_optimizer = false;
+  // A parameter updated like the others but left out of the gradient norm because another rank
+  // counts the same gradient: the last pipeline stage's copy of a tied word embedding
+  // (MoEGPTModel::shared_embedding_copy()). Null: none.
+  const Parameter* not_in_norm = nullptr;
 };
 
 // One contiguous piece of one parameter's optimizer state held by this rank (checkpoints,

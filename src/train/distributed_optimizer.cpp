@@ -206,6 +206,7 @@ Optimizer::Optimizer(std::vector<Parameter*> params, OptimizerConfig config, std
       else
         MOE_THROW(ErrorCode::internal, "Optimizer: parameter '", p->name, "' holds ", local, " of ", canon,
                        " elements: neither replicated nor (as a dense parameter) split over TP = ", tp);
+      if (p == config.not_in_norm) e.count_in_norm = false;  // counted on the first pipeline stage
       if (p->grad_group == GradGroup::router || p->grad_group == GradGroup::sequence_parallel) tp_reduced.push_back(e);
       else dense.push_back(e);
     }

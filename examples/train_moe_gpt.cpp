@@ -185,11 +185,6 @@ int run(int argc, char** argv) {
   }
   MoEConfig cfg = megatron_model_defaults();
   TrainingArgs a = parse_megatron_args(argv_list, cfg);
-  // Checkpoints of pipeline stages (each stage saving its layers, the tied copies) have not been
-  // tested yet: refused with PP > 1 until they are.
-  MOE_CHECK_CODE(cfg.pipeline_model_parallel_size == 1 || (a.save.empty() && a.load.empty()),
-                 ErrorCode::not_supported, "--save / --load with --pipeline-model-parallel-size ",
-                 cfg.pipeline_model_parallel_size, " is not supported yet (checkpoints of pipeline stages are untested)");
   validate_model(cfg, world_size());  // before any communication
   if (a.threads > 0) set_num_threads(static_cast<int>(a.threads));
   std::shared_ptr<ProcessGroups> groups = ProcessGroups::for_launch(cfg);

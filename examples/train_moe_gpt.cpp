@@ -409,6 +409,15 @@ int run(int argc, char** argv) {
       sm.elapsed_ms_per_iteration = 1e3 * secs / static_cast<double>(win_iters);
       sm.tokens_per_second = static_cast<double>(win_iters * gbs * S) / std::max(secs, 1e-9);
       sm.peak_bytes = get_backend(dev).memory_stats().peak_bytes;
+      // Each pipeline stage's time in point-to-point transfers per iteration (the bubble), gathered
+      // over this rank's pipeline group (collective).
+      std::vector<double> stage_bubble_ms;
+      if (cfg.pipeline_model_parallel_size > 1) {
+        Tensor mine = Tensor::from_vector(std::vector<double>{1e3 * win_bubble / static_cast<double>(win_iters)}, {1});
+        Tensor all = Tensor::empty({groups->pp().size()}, DType::f64);
+        groups->pp().all_gather(mine, all);
+        stage_bubble_ms = all.to_vector<double>();
+      }
       if (root) {
         TrainLogFields f;
         f.timestamp = megatron_timestamp();
@@ -426,9 +435,11 @@ int run(int argc, char** argv) {
         f.peak_memory_mb = static_cast<double>(sm.peak_bytes) / (1024.0 * 1024.0);
         progress.clear();
         std::printf("%s\n", format_train_log_line(f).c_str());
-        if (cfg.pipeline_model_parallel_size > 1)
-          std::printf("  pipeline: stage 0 (rank 0) spent %.1f ms per iteration in point-to-point transfers (bubble)\n",
-                      1e3 * win_bubble / static_cast<double>(win_iters));
+        if (!stage_bubble_ms.empty()) {
+          std::printf("  pipeline bubble (ms per iteration in point-to-point transfers), by stage:");
+          for (size_t s = 0; s < stage_bubble_ms.size(); ++s) std::printf(" %zu: %.1f", s, stage_bubble_ms[s]);
+          std::printf("\n");
+        }
         std::fflush(stdout);
         if (metrics) metrics->write_step(sm);
       }

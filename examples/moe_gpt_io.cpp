@@ -163,7 +163,7 @@ int run(int argc, char** argv) {
   for (const auto& [name, shape] : everywhere) {
     if (!trainable.count(name)) continue;
     auto it = local.find(name);
-    tensors.emplace_back("grad." + name, examples::gather_canonical(name, shape, it == local.end() ? nullptr : it->second, /*use_grad=*/true, *world));
+    tensors.emplace_back("grad." + name, gather_parameter(name, shape, it == local.end() ? nullptr : it->second, /*use_grad=*/true, *world));
   }
   for (int64_t i = 0; i < cfg.num_layers; ++i) {
     if (!model.is_moe_layer(i)) continue;

@@ -115,7 +115,7 @@ void print_samples(MoEGPTModel& model, const MoEConfig& cfg, const TrainingArgs&
     const Parameter* p = nullptr;
     for (const Parameter* q : mine_p)
       if (q->name == name) p = q;
-    canonical.emplace_back(name, examples::gather_canonical(name, shape, p, /*use_grad=*/false, world));
+    canonical.emplace_back(name, gather_parameter(name, shape, p, /*use_grad=*/false, world));
   }
   if (world.rank() != 0) return;
   MoEConfig one = cfg;

@@ -1,6 +1,6 @@
-// Canonical tensors of a model whose parameters live on some ranks only (pipeline stages): every
-// rank's parameter names and shapes, and one parameter's value or gradient gathered from the ranks
-// that hold its shards. Shared by moe_gpt_io and train_moe_gpt. Collective over the world.
+// The parameters of a model whose parameters live on some ranks only (pipeline stages): every
+// rank's parameter names and shapes, for moe::gather_parameter(name, shape, p or null, ...). Shared
+// by moe_gpt_io and train_moe_gpt. Collective over the world.
 #pragma once
 #include <set>
 #include <string>
@@ -55,47 +55,6 @@ inline std::vector<std::pair<std::string, Shape>> model_parameters_everywhere(co
     line.clear();
   }
   return out;
-}
-
-// The canonical (unsharded) f32 tensor of a parameter's value or gradient from the ranks that hold a
-// shard (`p` null on the others: another pipeline stage). Replicas hold equal values; the lowest
-// world rank's wins (the first stage's copy of a tied word embedding). Collective over the world.
-inline Tensor gather_canonical(const std::string& name, const Shape& shape, const Parameter* p, bool use_grad,
-                               Communicator& world) {
-  std::vector<double> vals;
-  std::vector<int64_t> idx;
-  if (p) {
-    const Tensor& local = use_grad ? p->grad : p->value;
-    Tensor g = local.device().is_cpu() ? local : local.to(Device::cpu());
-    vals = (g.dtype() == DType::f64 ? g : g.to_dtype(DType::f64)).to_vector<double>();
-    idx = shard_canonical_indices(p->canonical_shape, p->shard);
-  }
-  const int n = world.size();
-  Tensor count = Tensor::from_vector(std::vector<int64_t>{static_cast<int64_t>(vals.size())}, {1});
-  Tensor counts = Tensor::empty({n}, DType::i64);
-  world.all_gather(count, counts);
-  std::vector<int64_t> rows = counts.to_vector<int64_t>();
-  int64_t total = 0;
-  for (int64_t r : rows) total += r;
-  Tensor all_vals = Tensor::empty({total}, DType::f64), all_idx = Tensor::empty({total}, DType::i64);
-  world.all_gather_v(Tensor::from_vector(vals, {static_cast<int64_t>(vals.size())}), all_vals, rows);
-  world.all_gather_v(Tensor::from_vector(idx, {static_cast<int64_t>(idx.size())}), all_idx, rows);
-  const std::vector<double> v = all_vals.to_vector<double>();
-  const std::vector<int64_t> ix = all_idx.to_vector<int64_t>();
-  const int64_t numel = shape_numel(shape);
-  std::vector<float> out(static_cast<size_t>(numel), 0.0f);
-  std::vector<char> have(static_cast<size_t>(numel), 0);
-  for (int64_t i = 0; i < total; ++i) {
-    const size_t c = static_cast<size_t>(ix[static_cast<size_t>(i)]);
-    if (!have[c]) {
-      out[c] = static_cast<float>(v[static_cast<size_t>(i)]);
-      have[c] = 1;
-    }
-  }
-  for (char h : have)
-    MOE_CHECK_CODE(h, ErrorCode::internal, "gather_canonical: the ranks' shards of '", name, "' do not cover ",
-                   shape_str(shape));
-  return Tensor::from_vector(out, shape);
 }
 
 }  // namespace moe::examples

@@ -2,6 +2,7 @@
 // tokens and canonical parameters back, and Megatron's gradient finalisation.
 #pragma once
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "moecore/comm.h"
@@ -28,6 +29,10 @@ Tensor gather_tokens(const Tensor& local, const TokenShard& shard, int64_t S, in
 // The canonical (unsharded) tensor from every rank's shard of p (values, or grads with
 // use_grad), on every rank: f64 for f64 parameters, else f32. Replicas hold equal values; the lowest world rank's wins.
 Tensor gather_parameter(const Parameter& p, bool use_grad, Communicator& world);
+// The same for a parameter that only some ranks hold (pipeline stages): `p` null on the others,
+// `name` and `canonical_shape` known everywhere; always f32. Collective over the world.
+Tensor gather_parameter(const std::string& name, const Shape& canonical_shape, const Parameter* p, bool use_grad,
+                        Communicator& world);
 
 // Megatron's finalize_model_grads for these parameters: router-like grads (GradGroup::router)
 // are summed over TP; dense grads summed over DP×CP, expert grads over EDP; both are then scaled by

@@ -73,26 +73,33 @@ Tensor gather_tokens(const Tensor& local, const TokenShard& sh, int64_t S, int64
   return local.device().is_cpu() ? full : full.to(local.device());
 }
 
-Tensor gather_parameter(const Parameter& p, bool use_grad, Communicator& world) {
-  const Tensor& local = use_grad ? p.grad : p.value;
-  MOE_CHECK(local.defined(), "gather_parameter: '", p.name, "' has no ", use_grad ? "gradient" : "value");
-  std::vector<int64_t> idx = shard_canonical_indices(p.canonical_shape, p.shard);
+namespace {
+// Every rank's (canonical index, value) pairs of p's shard, assembled into the canonical f64 values;
+// the lowest rank's replica wins. p null: this rank contributes nothing.
+std::vector<double> gather_canonical_values(const std::string& name, const Shape& shape, const Parameter* p,
+                                            bool use_grad, Communicator& world) {
+  std::vector<double> vals;
+  std::vector<int64_t> idx;
+  if (p) {
+    const Tensor& local = use_grad ? p->grad : p->value;
+    MOE_CHECK(local.defined(), "gather_parameter: '", name, "' has no ", use_grad ? "gradient" : "value");
+    Tensor host = local.device().is_cpu() ? local : local.to(Device::cpu());
+    vals = ops::cast(host, DType::f64).to_vector<double>();
+    idx = shard_canonical_indices(p->canonical_shape, p->shard);
+  }
   const int n = world.size();
-  Tensor host = local.device().is_cpu() ? local : local.to(Device::cpu());
-  Tensor vals = ops::cast(host, DType::f64).view({local.numel()});
-  Tensor counts_local = Tensor::from_vector(std::vector<int64_t>{local.numel()}, {1});
   Tensor counts = Tensor::empty({n}, DType::i64);
-  world.all_gather(counts_local, counts);
+  world.all_gather(Tensor::from_vector(std::vector<int64_t>{static_cast<int64_t>(vals.size())}, {1}), counts);
   std::vector<int64_t> rows = counts.to_vector<int64_t>();
   int64_t total = 0;
   for (int64_t v : rows) total += v;
   Tensor all_vals = Tensor::empty({total}, DType::f64);
   Tensor all_idx = Tensor::empty({total}, DType::i64);
-  world.all_gather_v(vals, all_vals, rows);
+  world.all_gather_v(Tensor::from_vector(vals, {static_cast<int64_t>(vals.size())}), all_vals, rows);
   world.all_gather_v(Tensor::from_vector(idx, {static_cast<int64_t>(idx.size())}), all_idx, rows);
   std::vector<double> v = all_vals.to_vector<double>();
   std::vector<int64_t> ix = all_idx.to_vector<int64_t>();
-  const int64_t numel = shape_numel(p.canonical_shape);
+  const int64_t numel = shape_numel(shape);
   std::vector<double> out(static_cast<size_t>(numel), 0.0);
   std::vector<char> seen(static_cast<size_t>(numel), 0);
   for (int64_t i = 0; i < total; ++i) {  // rank order: the lowest rank's replica wins
@@ -103,9 +110,23 @@ Tensor gather_parameter(const Parameter& p, bool use_grad, Communicator& world) 
     }
   }
   MOE_CHECK_CODE(std::all_of(seen.begin(), seen.end(), [](char s) { return s != 0; }), ErrorCode::internal,
-                 "gather_parameter: the shards of '", p.name, "' do not cover ", shape_str(p.canonical_shape));
-  Tensor canonical = Tensor::from_vector(out, p.canonical_shape);
+                 "gather_parameter: the shards of '", name, "' do not cover ", shape_str(shape));
+  return out;
+}
+}  // namespace
+
+Tensor gather_parameter(const Parameter& p, bool use_grad, Communicator& world) {
+  const Tensor& local = use_grad ? p.grad : p.value;
+  Tensor canonical =
+      Tensor::from_vector(gather_canonical_values(p.name, p.canonical_shape, &p, use_grad, world), p.canonical_shape);
   return local.dtype() == DType::f64 ? canonical : ops::cast(canonical, DType::f32);
+}
+
+Tensor gather_parameter(const std::string& name, const Shape& canonical_shape, const Parameter* p, bool use_grad,
+                        Communicator& world) {
+  Tensor canonical =
+      Tensor::from_vector(gather_canonical_values(name, canonical_shape, p, use_grad, world), canonical_shape);
+  return ops::cast(canonical, DType::f32);
 }
 
 void finalize_grads(const std::vector<Parameter*>& params, const ProcessGroups& g) {

@@ -53,7 +53,7 @@ struct GroupedGemmArgs {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Router: scores, group-limited top-k, probabilities (DESIGN.md §6). `dtype` is the router dtype of
+// Router: scores, group-limited top-k, probabilities (docs/moe.md). `dtype` is the router dtype of
 // logits and probs: f32 or f64. Ties in top-k go to the lower expert index.
 enum class ScoreFunction : uint8_t { softmax, sigmoid, sqrtsoftplus };
 
@@ -122,7 +122,7 @@ struct ZLossArgs {
   double coef = 0.0;             // backward
 };
 
-// Capacity (DESIGN.md §6), in place on probs and routing_map, per expert column:
+// Capacity (docs/moe.md), in place on probs and routing_map, per expert column:
 //   policy probs:    keep the `capacity` routed tokens with the largest probs (ties: lower token)
 //   policy position: keep the earliest `capacity` routed tokens
 //   pad:             then fill the column to exactly `capacity` rows with the earliest tokens not
@@ -139,7 +139,7 @@ struct CapacityArgs {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Permutation (DESIGN.md §7). Rows are expert-major, token index ascending within an expert.
+// Permutation (docs/moe.md). Rows are expert-major, token index ascending within an expert.
 // routing_counts: counts (E) i64 = column sums of the map.
 struct RoutingCountsArgs {
   int64_t T = 0, E = 0;
@@ -210,7 +210,7 @@ struct ColumnsArgs {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Activations with the prob multiply (DESIGN.md §7). With glu the input row is [a | b] (F each):
+// Activations with the prob multiply (docs/moe.md). With glu the input row is [a | b] (F each):
 // out = act(a) · b · s; without, out = act(x) · s. s = row_scale[r] when given, else 1.
 //   silu(x) = x·σ(x); gelu(x) = x·Φ(x) (erf form, PyTorch's default); relu2(x) = max(x,0)²
 enum class Activation : uint8_t { silu, gelu, relu2 };

@@ -1,4 +1,4 @@
-// libmoecore — saved slots (DESIGN.md §4).
+// libmoecore — saved slots (docs/architecture.md).
 // What a forward keeps for its backward lives in named slots, each with a policy:
 //   keep       the tensor stays where it is;
 //   recompute  the tensor is dropped at save time and rebuilt by its regenerate function (which

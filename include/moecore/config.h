@@ -64,7 +64,7 @@ struct MoEConfig {
   double attention_dropout = 0.0;   // likewise
   int64_t num_microbatches = 1;     // M: micro-batches per replica and step (moe_gpt_io)
 
-  // ---- parallelism (DESIGN.md §5) ----
+  // ---- parallelism (docs/parallelism.md) ----
   int64_t tensor_model_parallel_size = 1;
   int64_t context_parallel_size = 1;
   int64_t pipeline_model_parallel_size = 1;
@@ -82,7 +82,7 @@ struct MoEConfig {
   std::optional<bool> sequence_parallel;
   std::string parallel_order = "tp-cp-ep-dp-pp";
 
-  // ---- memory (DESIGN.md §4) ----
+  // ---- memory (docs/architecture.md) ----
   std::string recompute_granularity;               // "" | selective ('full' is refused: not implemented)
   std::vector<std::string> recompute_modules;      // moe_act | shared_experts | moe
   std::optional<std::string> recompute_method;     // uniform | block: for 'full', refused until it exists

@@ -1,4 +1,4 @@
-// libmoecore — grouped-GEMM experts (DESIGN.md §7).
+// libmoecore — grouped-GEMM experts (docs/moe.md).
 // forward over rows grouped by local expert (per-expert row counts, zeros allowed):
 //   h (N, F1) = x (N, H) · W1[e]ᵀ          fc1, F1 = 2F with a GLU
 //   a (N, F)  = act(h) · prob              activation, then the routing prob
@@ -68,7 +68,7 @@ struct MlpSpec {
 };
 
 // The shared expert: one dense MLP of width moe_shared_expert_intermediate_size over every
-// token, optionally scaled by a sigmoid gate σ(x·w_gᵀ) (DESIGN.md §7). With a TP group it runs like
+// token, optionally scaled by a sigmoid gate σ(x·w_gᵀ) (docs/moe.md). With a TP group it runs like
 // Megatron's sequence-parallel column/row-parallel MLP: all-gather the tokens over TP, fc1 split by
 // output rows, fc2 by input columns, reduce-scatter back to this rank's tokens, then the gate.
 // The same class is the model's dense MLP (MlpSpec: its names and ffn_hidden_size, no gate).

@@ -1,5 +1,5 @@
 // libmoecore — the MoE layer: router → dispatch → grouped-GEMM experts → combine, plus the shared
-// expert, forward and backward (DESIGN.md §4, §6, §7).
+// expert, forward and backward (docs/architecture.md, docs/moe.md).
 #pragma once
 #include <cstdint>
 #include <map>

@@ -1,4 +1,4 @@
-// libmoecore — Parallel Folding: the rank layout and the process groups (DESIGN.md §5).
+// libmoecore — Parallel Folding: the rank layout and the process groups (docs/parallelism.md).
 //
 // Two rank generators share one order string (default "tp-cp-ep-dp-pp", first axis fastest):
 //   dense side:  tp=TP,  cp=CP, ep=1,  dp=DP  = W/(TP·CP·PP), pp=PP
@@ -35,7 +35,7 @@ struct ParallelSizes {
   std::string order = "tp-cp-ep-dp-pp";
 };
 
-// Every group kind of DESIGN.md §5. Dense-side kinds come from the dense generator, the e* kinds
+// Every group kind of docs/parallelism.md. Dense-side kinds come from the dense generator, the e* kinds
 // from the expert generator (whose tp axis is ETP and dp axis is EDP).
 enum class GroupKind : uint8_t {
   tp,         // dense: tp

@@ -1,6 +1,6 @@
 // libmoecore — parameters: a named value and its gradient.
 // Gradients accumulate (+=) and are zeroed explicitly. `name` is the canonical unsharded name
-// (DESIGN.md §8); `shard` says which part of the canonical tensor this rank holds.
+// (docs/moe.md); `shard` says which part of the canonical tensor this rank holds.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -20,7 +20,7 @@ struct DimShard {
   bool glu_halves = false;
 };
 
-// Which gradient reduction a parameter takes (DESIGN.md §5): dense params over DP×CP, expert params
+// Which gradient reduction a parameter takes (docs/parallelism.md): dense params over DP×CP, expert params
 // over EDP, and the router weight additionally summed over TP. sequence_parallel: replicated over TP
 // while each TP rank sees other tokens or heads (norm weights, learned position embeddings under
 // sequence parallelism, qk-layernorm weights): summed over TP, then like dense (Megatron's

@@ -1,4 +1,4 @@
-// libmoecore — the top-k router (DESIGN.md §6).
+// libmoecore — the top-k router (docs/moe.md).
 // forward: x (T, H) → logits (T, E) = x·Wᵀ in the router dtype → scores → (group-limited) top-k →
 // probs, then capacity dropping/padding. Aux, seq-aux, global-aux and z losses are computed in
 // the forward (training only) and their gradients injected in the backward, scaled by the

@@ -1,4 +1,4 @@
-// libmoecore — safetensors files (checkpoints and tensor dumps, DESIGN.md §8).
+// libmoecore — safetensors files (checkpoints and tensor dumps, docs/moe.md).
 // Layout: 8-byte little-endian header length N, N bytes of JSON header
 //   {"<name>": {"dtype": "F32", "shape": [..], "data_offsets": [begin, end]}, ...,
 //    "__metadata__": {"<key>": "<value>", ...}}   (metadata optional)

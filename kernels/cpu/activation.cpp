@@ -1,4 +1,4 @@
-// Expert activations with the routing-prob multiply on the CPU (DESIGN.md §7).
+// Expert activations with the routing-prob multiply on the CPU (docs/moe.md).
 //   silu(x)  = x·σ(x)                     silu'(x)  = σ(x)·(1 + x·(1 − σ(x)))
 //   gelu(x)  = x·Φ(x) = ½x(1 + erf(x/√2))  gelu'(x)  = Φ(x) + x·φ(x),  φ(x) = exp(−x²/2)/√(2π)
 //   relu2(x) = max(x, 0)²                 relu2'(x) = 2·max(x, 0)

@@ -1,4 +1,4 @@
-// Token permutation on the CPU (DESIGN.md §7): routing counts, the row map, permute / unpermute and
+// Token permutation on the CPU (docs/moe.md): routing counts, the row map, permute / unpermute and
 // the chunk sort of the all-to-all dispatcher.
 //
 // Rows are expert-major with the token index ascending within an expert. Data movement copies bytes

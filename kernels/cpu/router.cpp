@@ -1,4 +1,4 @@
-// Router kernels on the CPU (DESIGN.md §6): scores, group-limited top-k, probabilities and their
+// Router kernels on the CPU (docs/moe.md): scores, group-limited top-k, probabilities and their
 // backward; the aux-loss statistics and gradient; the z-loss; capacity dropping and padding.
 // Compute is in the storage type (f32 or f64). Every token (and, for capacity, every expert column)
 // is independent, so the OpenMP loops give the same bits at any thread count; sums over tokens

@@ -1,4 +1,4 @@
-// Expert activations with the routing-prob multiply on CUDA (DESIGN.md §7), the same formulas as the
+// Expert activations with the routing-prob multiply on CUDA (docs/moe.md), the same formulas as the
 // CPU reference (kernels/cpu/activation.cpp):
 //   silu(x)  = x / (1 + e^−x)               silu'(x)  = σ(x)·(1 + x·(1 − σ(x)))
 //   gelu(x)  = ½x(1 + erf(x/√2))            gelu'(x)  = ½(1 + erf(x/√2)) + x·φ(x)

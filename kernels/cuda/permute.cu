@@ -1,4 +1,4 @@
-// Token permutation on CUDA (DESIGN.md §7): routing counts, the row map, permute / unpermute and
+// Token permutation on CUDA (docs/moe.md): routing counts, the row map, permute / unpermute and
 // the chunk sort of the all-to-all dispatcher.
 //
 // Rows are expert-major with the token index ascending within an expert. permute and chunk_sort move

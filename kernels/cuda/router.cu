@@ -1,4 +1,4 @@
-// Router kernels on CUDA (DESIGN.md §6): scores, group-limited top-k and probabilities with their
+// Router kernels on CUDA (docs/moe.md): scores, group-limited top-k and probabilities with their
 // backward; the aux-loss statistics and gradient; the z-loss; capacity dropping and padding.
 //
 // Layout: one thread block per token for the per-token ops (the E scores of a token live in shared

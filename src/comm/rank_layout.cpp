@@ -1,4 +1,4 @@
-// Parallel Folding rank layout (DESIGN.md §5): a pure function from sizes to groups of ranks.
+// Parallel Folding rank layout (docs/parallelism.md): a pure function from sizes to groups of ranks.
 #include <algorithm>
 #include <cctype>
 #include <climits>

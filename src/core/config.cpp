@@ -705,7 +705,7 @@ void validate_parallel(const MoEConfig& c, int64_t world_size) {
                        *c.moe_shared_expert_intermediate_size,
                        " is not divisible by tensor_model_parallel_size = ", TP, glu_note);
 
-  // Both rank generators must produce the same pipeline groups (DESIGN.md §5): the stride of pp (the
+  // Both rank generators must produce the same pipeline groups (docs/parallelism.md): the stride of pp (the
   // product of the sizes of the axes before it) must agree on the attention and expert sides.
   if (PP > 1) {
     const int64_t DP = W / (TP * CP * PP), EDP = W / (ETP * EP * PP);

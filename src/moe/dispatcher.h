@@ -1,4 +1,4 @@
-// Token dispatchers (DESIGN.md §7): move routed token rows to the ranks and local experts that own
+// Token dispatchers (docs/moe.md): move routed token rows to the ranks and local experts that own
 // them, and bring the expert outputs back. The layer sees only this interface:
 //   dispatch:          x (T, H), probs (T, E), map (T, E)  →  rows for the local experts
 //   combine:           expert outputs (N, H)               →  (T, H) for this rank's tokens

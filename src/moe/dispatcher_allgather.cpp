@@ -1,4 +1,4 @@
-// Allgather token dispatcher over ETP×EP (DESIGN.md §7).
+// Allgather token dispatcher over ETP×EP (docs/moe.md).
 //
 //   forward                                        backward
 //   x (T, H), probs (T, E), map (T, E)             dx (T, H), dprobs (T, E)

@@ -1,4 +1,4 @@
-// All-to-all token dispatcher (DESIGN.md §7): all-to-all-v over EP, all-gather-v / reduce-scatter-v
+// All-to-all token dispatcher (docs/moe.md): all-to-all-v over EP, all-gather-v / reduce-scatter-v
 // over ETP, chunk sorting between [source][local expert] and [local expert][source].
 //
 //   forward                                          backward (the mirror, splits swapped)

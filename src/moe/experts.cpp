@@ -1,4 +1,4 @@
-// Grouped-GEMM experts (DESIGN.md §7): fc1 → activation × prob → fc2 over rows grouped by local
+// Grouped-GEMM experts (docs/moe.md): fc1 → activation × prob → fc2 over rows grouped by local
 // expert, and the backward read in reverse.
 //
 // Saved slots (names = slot prefix + ...), with what rebuilds them under the recompute policy:

@@ -1,4 +1,4 @@
-// The top-k router (DESIGN.md §6): logits → scores → (group-limited) top-k → probs → capacity,
+// The top-k router (docs/moe.md): logits → scores → (group-limited) top-k → probs → capacity,
 // with the load-balancing and z losses computed in the forward and their gradients injected in the
 // backward. Everything big goes through the Tensor-level ops (so it runs on any backend); only
 // E-sized statistics are handled on the host.

@@ -1,4 +1,4 @@
-// The shared expert (DESIGN.md §7): a dense MLP over every token, optionally gated per token.
+// The shared expert (docs/moe.md): a dense MLP over every token, optionally gated per token.
 //   forward:  xg = all_gather_TP(x)          (T·tp, H)      (xg = x without TP)
 //             h  = xg · W1ᵀ                  (T·tp, F1)     W1 local rows (each GLU half split alike)
 //             a  = act(h)                    (T·tp, F)

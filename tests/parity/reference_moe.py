@@ -1,7 +1,7 @@
 """Independent PyTorch reference of Megatron Core's MoE layer, for parity checks of `moe_layer_io`.
 
 Written from Megatron Core's semantics (megatron/core/transformer/moe/{router,moe_utils,experts,
-shared_experts,moe_layer}.py and DESIGN.md sections 6-7), not from libmoecore's C++: one token at a
+shared_experts,moe_layer}.py and docs/moe.md), not from libmoecore's C++: one token at a
 time through plain torch ops, with autograd for every gradient.
 
     outputs = moe_layer_reference(config, inputs)            # f64 by default

@@ -1,4 +1,4 @@
-// Expert activations with the prob multiply (DESIGN.md §7): forward against an f64 reference for
+// Expert activations with the prob multiply (docs/moe.md): forward against an f64 reference for
 // every activation with and without a GLU, in f32 / f64 / bf16 (and f16), backward by finite
 // differences in f64 (din and drow_scale), and the error cases.
 #include <gtest/gtest.h>

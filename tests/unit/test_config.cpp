@@ -580,7 +580,7 @@ TEST(ValidateParallel, ValidLayoutsPass) {
   c.tensor_model_parallel_size = 2;
   c.expert_model_parallel_size = 4;
   c.expert_tensor_parallel_size = 1;
-  EXPECT_NO_THROW(validate_parallel(c, 8));  // DESIGN.md §5 worked example
+  EXPECT_NO_THROW(validate_parallel(c, 8));  // docs/parallelism.md's worked example
   c.expert_model_parallel_size = 8;           // EP > DP folds over TP
   EXPECT_NO_THROW(validate_parallel(c, 8));
   c.pipeline_model_parallel_size = 2;

@@ -1,4 +1,4 @@
-// Grouped-GEMM experts and the shared expert (DESIGN.md §7): forward against a dense per-expert
+// Grouped-GEMM experts and the shared expert (docs/moe.md): forward against a dense per-expert
 // loop written here, every gradient by finite differences in f64, zero-row experts, ETP/EP shards
 // against the unsharded module, saved-slot policies (bit-identical results, measured memory), the
 // shared expert's TP path over an in-process two-rank communicator, and the error cases.

@@ -1,4 +1,4 @@
-// Permutation kernels (DESIGN.md §7): routing counts, the row map, permute / unpermute, the dprobs
+// Permutation kernels (docs/moe.md): routing counts, the row map, permute / unpermute, the dprobs
 // scatter and the chunk sort, against plain references written here. Data movement is compared
 // byte for byte; sums against an f64 reference.
 #include <gtest/gtest.h>

@@ -1,4 +1,4 @@
-// Parallel Folding rank layout (DESIGN.md §5): hand-checked tables, Megatron Core's golden layouts
+// Parallel Folding rank layout (docs/parallelism.md): hand-checked tables, Megatron Core's golden layouts
 // (re-derived with its older loop-based construction), properties over every factorisation of
 // worlds up to 64 against a brute-force grouping by coordinates, and the error cases.
 #include <gtest/gtest.h>
@@ -91,7 +91,7 @@ std::string error_of(const ParallelSizes& s) {
 
 }  // namespace
 
-// ---- the worked example of DESIGN.md §5 -----------------------------------------------------------
+// ---- the worked example of docs/parallelism.md -----------------------------------------------------------
 
 TEST(RankLayout, DesignWorkedExample) {
   // W=8, TP=2, DP=4; ETP=1, EP=4, EDP=2.

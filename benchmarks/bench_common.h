@@ -19,6 +19,9 @@
 #if MOE_BENCH_HAVE_OPENBLAS
 #include <cblas.h>
 #endif
+#if MOE_BENCH_HAVE_DNNL
+#include <oneapi/dnnl/dnnl.hpp>
+#endif
 
 namespace moe::bench {
 
@@ -225,12 +228,55 @@ inline double dense_sgemm_gflops(int64_t M, int64_t N, int64_t K, int reps = 3, 
   return 2.0 * static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K) / median(t) * 1e-9;
 }
 
+// oneDNN's matmul on its own P OpenMP threads (P = the benchmark's thread count): C (M, N) f32 or
+// bf16 = op(A) · op(B) with A, B of dtype dt (f32 or bf16), as a PyTorch user's bf16 matmul runs
+// it. Median GFLOP/s of `reps` calls after one warm-up call; 0 without oneDNN.
+inline double dense_onednn_gflops(DType dt, int64_t M, int64_t N, int64_t K, int reps = 3, bool ta = false,
+                                  bool tb = true) {
+#if MOE_BENCH_HAVE_DNNL
+  using dims = dnnl::memory::dims;
+  const auto t = dt == DType::bf16 ? dnnl::memory::data_type::bf16 : dnnl::memory::data_type::f32;
+  dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+  dnnl::stream st(eng);
+  dnnl::memory::desc a({M, K}, t, ta ? dims{1, M} : dims{K, 1});
+  dnnl::memory::desc b({K, N}, t, tb ? dims{1, K} : dims{N, 1});
+  dnnl::memory::desc c({M, N}, t, dims{N, 1});
+  dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a, b, c), eng);
+  dnnl::matmul mm(pd);
+  Tensor A = randn({M, K}, 11), B = randn({N, K}, 12);
+  if (dt == DType::bf16) A = ops::cast(A, DType::bf16), B = ops::cast(B, DType::bf16);
+  Tensor C = Tensor::empty({M, N}, dt);
+  dnnl::memory ma(a, eng, A.data()), mb(b, eng, B.data()), mc(c, eng, C.data());
+  std::vector<double> times;
+  for (int r = 0; r <= reps; ++r) {
+    const double t0 = now_s();
+    mm.execute(st, {{DNNL_ARG_SRC, ma}, {DNNL_ARG_WEIGHTS, mb}, {DNNL_ARG_DST, mc}});
+    st.wait();
+    if (r > 0) times.push_back(now_s() - t0);
+  }
+  return 2.0 * static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K) / median(times) * 1e-9;
+#else
+  (void)dt, (void)M, (void)N, (void)K, (void)reps, (void)ta, (void)tb;
+  return 0.0;
+#endif
+}
+
+// The machine's best dense GEMM rate at a shape, in the precision of dt: f32 — the faster of
+// OpenBLAS's SGEMM and oneDNN's f32 matmul, each on its own threads; bf16 — oneDNN's bf16 matmul
+// (AMX / AVX512-BF16 where the CPU has them), or the SGEMM rate without oneDNN.
+inline double best_gemm_gflops(DType dt, int64_t M, int64_t N, int64_t K, int reps = 3) {
+  const double onednn = dense_onednn_gflops(dt, M, N, K, reps);
+  if (dt == DType::bf16 && onednn > 0) return onednn;
+  return std::max(dense_sgemm_gflops(M, N, K, reps), dense_onednn_gflops(DType::f32, M, N, K, reps));
+}
+
 // The reference shape for a layer config: one SGEMM with the routed rows (T·k) as M, the expert
 // widths summed (F1 + F) as N and H as K — the forward of every expert fused into one call, so the
 // BLAS sees the same amount of work in its most favourable form.
+// The rate is the machine's best in the layer's precision (best_gemm_gflops).
 inline double layer_reference_gflops(const MoEConfig& c, int64_t T, int reps = 3) {
   const int64_t M = T * c.moe_router_topk, N = c.fc1_out_features() + c.moe_ffn_hidden_size, K = c.hidden_size;
-  return dense_sgemm_gflops(M, N, K, reps);
+  return best_gemm_gflops(c.params_dtype == "bf16" ? DType::bf16 : DType::f32, M, N, K, reps);
 }
 
 }  // namespace moe::bench

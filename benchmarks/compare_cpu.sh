@@ -5,7 +5,7 @@
 #   benchmarks/compare_cpu.sh [--threads 2] [--repeats 5] [--iters 3] [--warmup 1]
 #                             [--configs "mixtral-cpu deepseek-cpu small gpt-mixtral-cpu gpt-deepseek-cpu"]
 #                             [--build-dir DIR] [--peer-omp-wait passive|default] [--max-load 1.0]
-#                             [--nice 0]
+#                             [--nice 0] [--precisions "fp32 bf16"] [--engines "auto"]
 #
 # Builds moe_layer_bench and moe_gpt_bench in Release (CPU only) into --build-dir (default
 # build-bench), then for each repeat and each config runs ours and the peer one after the other,
@@ -16,6 +16,15 @@
 # --warmup steps (median step); the table takes the median over the repeats. Our binary also
 # measures the dense-SGEMM reference (OpenBLAS on its own threads, at the shape M = T·k, N = F1 + F,
 # K = H) in every run. The per-run outputs are kept in the build dir (compare_cpu/).
+#
+# --precisions: each config in fp32 and/or bf16 (ours with --bf16: parameters, activations and GEMMs
+# in bf16 with f32 accumulation; the peer with --bf16: its forward under
+# torch.autocast("cpu", dtype=torch.bfloat16), the mixed precision a PyTorch user gets on the CPU).
+# --engines: our CPU GEMM engine: auto (what the library picks on this CPU, as a user runs it) and/or
+# forced ones (onednn, openblas, eigen: MOE_CPU_GEMM); the peer runs once per config and precision.
+# Each of our runs also measures the machine's best dense GEMM rate in its precision at the layer's
+# reference shape (fp32: the faster of OpenBLAS's SGEMM and oneDNN's f32 matmul, bf16: oneDNN's bf16
+# matmul, each on its own threads): benchmarks/bench_common.h, best_gemm_gflops.
 #
 # The machine may be shared: after the build the script waits (up to 5 minutes) for the 1-minute
 # load average to fall below --max-load, and prints the load before each repeat and at the end.
@@ -51,6 +60,8 @@ PEER_WAIT=passive
 MAX_LOAD=1.0
 NICE=0
 BUILD="$ROOT/build-bench"
+PRECISIONS="fp32 bf16"
+ENGINES="auto"
 PYTHON=${PYTHON:-/usr/bin/python3}
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -63,6 +74,8 @@ while [[ $# -gt 0 ]]; do
     --peer-omp-wait) PEER_WAIT=$2; shift 2 ;;
     --max-load) MAX_LOAD=$2; shift 2 ;;
     --nice) NICE=$2; shift 2 ;;
+    --precisions) PRECISIONS=$2; shift 2 ;;
+    --engines) ENGINES=$2; shift 2 ;;
     -h|--help) sed -n '2,/^set -euo/{/^set -euo/d;p}' "$0"; exit 0 ;;
     *) echo "compare_cpu.sh: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -138,26 +151,44 @@ done
   fi
 } | tee "$OUT/header.txt"
 
+for prec in $PRECISIONS; do
+  [[ $prec == fp32 || $prec == bf16 ]] || { echo "compare_cpu.sh: --precisions takes fp32 and bf16, got $prec" >&2; exit 2; }
+done
+for eng in $ENGINES; do
+  case "$eng" in auto|onednn|openblas|eigen) ;; *) echo "compare_cpu.sh: --engines takes auto, onednn, openblas, eigen; got $eng" >&2; exit 2 ;; esac
+done
+# Our GEMM engine and kernels on this machine, as the library reports them (build_info).
+"$(bench_of "${CONFIGS%% *}")" --smoke --threads "$THREADS" 2>/dev/null | grep -m1 'gemm:' | sed 's/^[a-z_]*  /ours: /' | tee -a "$OUT/header.txt"
+
 for ((r = 1; r <= REPEATS; r++)); do
   echo "  [$r/$REPEATS] load $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/header.txt"
   for cfg in $CONFIGS; do
-    f=$(flags_of "$cfg")
-    # shellcheck disable=SC2086
-    "${NICE_CMD[@]}" "$(bench_of "$cfg")" $f --iters "$ITERS" --warmup "$WARMUP" --threads "$THREADS" --sgemm-reps 3 > "$OUT/ours.$cfg.$r.txt"
-    echo "  [$r/$REPEATS] $cfg ours: $(tail -1 "$OUT/ours.$cfg.$r.txt")"
-    if [[ $PEER_OK == 1 ]]; then
-      # shellcheck disable=SC2086
-      "${NICE_CMD[@]}" env "${PEER_ENV[@]}" "$PYTHON" "$(peer_of "$cfg")" $f --iters "$ITERS" --warmup "$WARMUP" --threads "$THREADS" \
-        > "$OUT/peer.$cfg.$r.txt"
-      echo "  [$r/$REPEATS] $cfg peer: $(tail -1 "$OUT/peer.$cfg.$r.txt")"
-    fi
+    for prec in $PRECISIONS; do
+      f="$(flags_of "$cfg")"
+      [[ $prec == bf16 ]] && f="$f --bf16"
+      for eng in $ENGINES; do
+        ENG_ENV=()
+        [[ $eng != auto ]] && ENG_ENV=(MOE_CPU_GEMM="$eng")
+        # shellcheck disable=SC2086
+        "${NICE_CMD[@]}" env "${ENG_ENV[@]}" "$(bench_of "$cfg")" $f --iters "$ITERS" --warmup "$WARMUP" --threads "$THREADS" --sgemm-reps 3 \
+          > "$OUT/ours.$cfg.$prec.$eng.$r.txt"
+        echo "  [$r/$REPEATS] $cfg $prec ours ($eng): $(tail -1 "$OUT/ours.$cfg.$prec.$eng.$r.txt")"
+      done
+      if [[ $PEER_OK == 1 ]]; then
+        # shellcheck disable=SC2086
+        "${NICE_CMD[@]}" env "${PEER_ENV[@]}" "$PYTHON" "$(peer_of "$cfg")" $f --iters "$ITERS" --warmup "$WARMUP" --threads "$THREADS" \
+          > "$OUT/peer.$cfg.$prec.$r.txt"
+        echo "  [$r/$REPEATS] $cfg $prec peer: $(tail -1 "$OUT/peer.$cfg.$prec.$r.txt")"
+      fi
+    done
   done
 done
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/header.txt"
 
-"$PYTHON" - "$OUT" "$CONFIGS" "$REPEATS" <<'EOF'
+"$PYTHON" - "$OUT" "$CONFIGS" "$REPEATS" "$PRECISIONS" "$ENGINES" <<'EOF'
 import os, statistics, sys
 out, configs, repeats = sys.argv[1], sys.argv[2].split(), int(sys.argv[3])
+precisions, engines = sys.argv[4].split(), sys.argv[5].split()
 
 def parse(path):
     vals = {}
@@ -173,23 +204,39 @@ def med(runs, key):
     xs = [r[key] for r in runs if r and key in r and r[key] >= 0]
     return statistics.median(xs) if xs else float("nan")
 
-rows = []
+nan = float("nan")
+f = lambda fmt, x: fmt % x if x == x else "-"
+rows, tps = [], {}
 for cfg in configs:
-    ours = [parse(f"{out}/ours.{cfg}.{r}.txt") for r in range(1, repeats + 1)]
-    peer = [parse(f"{out}/peer.{cfg}.{r}.txt") for r in range(1, repeats + 1)]
-    o_tps, p_tps = med(ours, "tokens_per_s"), med(peer, "tokens_per_s")
-    o_gf, p_gf, sg = med(ours, "gflops"), med(peer, "gflops"), med(ours, "sgemm_gflops")
-    rows.append([cfg, "%.0f" % o_tps, "%.0f" % p_tps, "%.2f" % (o_tps / p_tps) if p_tps == p_tps else "-",
-                 "%.1f" % o_gf, "%.1f" % sg, "%.3f" % (o_gf / sg), "%.3f" % (p_gf / sg) if p_gf == p_gf else "-",
-                 "%.0f" % (med(ours, "rss_peak_bytes") / 2**20), "%.0f" % (med(ours, "peak_bytes") / 2**20),
-                 "%.0f" % (med(peer, "peak_bytes") / 2**20) if p_tps == p_tps else "-"])
-head = ["config", "ours tok/s", "peer tok/s", "ours/peer", "ours GFLOP/s", "SGEMM GFLOP/s", "ours eff",
-        "peer eff", "ours RSS MiB", "ours alloc MiB", "peer RSS MiB"]
-w = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-line = lambda cells: "| " + " | ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(cells)) + " |"
-print()
-print(line(head))
-print("|" + "|".join("-" * (x + 2) for x in w) + "|")
-for r in rows:
-    print(line(r))
+    for prec in precisions:
+        peer = [parse(f"{out}/peer.{cfg}.{prec}.{r}.txt") for r in range(1, repeats + 1)]
+        p_tps, p_gf = med(peer, "tokens_per_s"), med(peer, "gflops")
+        tps[(cfg, prec, "peer")] = p_tps
+        for eng in engines:
+            ours = [parse(f"{out}/ours.{cfg}.{prec}.{eng}.{r}.txt") for r in range(1, repeats + 1)]
+            o_tps, o_gf, sg = med(ours, "tokens_per_s"), med(ours, "gflops"), med(ours, "sgemm_gflops")
+            tps[(cfg, prec, eng)] = o_tps
+            rows.append([cfg, prec, eng, f("%.0f", o_tps), f("%.0f", p_tps), f("%.2f", o_tps / p_tps),
+                         f("%.1f", o_gf), f("%.1f", sg), f("%.3f", o_gf / sg), f("%.3f", p_gf / sg),
+                         f("%.0f", med(ours, "rss_peak_bytes") / 2**20), f("%.0f", med(ours, "peak_bytes") / 2**20),
+                         f("%.0f", med(peer, "peak_bytes") / 2**20)])
+
+def table(head, rows):
+    w = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    line = lambda cells: "| " + " | ".join(c.rjust(w[i]) if i > 2 else c.ljust(w[i]) for i, c in enumerate(cells)) + " |"
+    print()
+    print(line(head))
+    print("|" + "|".join("-" * (x + 2) for x in w) + "|")
+    for r in rows:
+        print(line(r))
+
+table(["config", "precision", "engine", "ours tok/s", "peer tok/s", "ours/peer", "ours GFLOP/s", "best GEMM GFLOP/s",
+       "ours eff", "peer eff", "ours RSS MiB", "ours alloc MiB", "peer RSS MiB"], rows)
+if "fp32" in precisions and "bf16" in precisions:
+    speed = []
+    for cfg in configs:
+        for eng in engines + ["peer"]:
+            a, b = tps.get((cfg, "bf16", eng), nan), tps.get((cfg, "fp32", eng), nan)
+            speed.append([cfg, eng, "", f("%.0f", b), f("%.0f", a), f("%.2f", a / b)])
+    table(["config", "side", "", "fp32 tok/s", "bf16 tok/s", "bf16/fp32"], speed)
 EOF

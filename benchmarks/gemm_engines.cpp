@@ -1,11 +1,13 @@
-// moe_gemm_engines — the measurement behind the CPU GEMM engine choice (docs/performance.md):
-// C (M, N) = A (M, K) · B (N, K)ᵀ in fp32 on the experts' shapes, by
-//   eigen-native   Eigen 3.4 in this file, compiled with -march=native (AVX-512 where the machine
-//                  has it; the library itself is built for the baseline ISA, where Eigen gets SSE2)
-//   openblas-1     OpenBLAS on one thread (what libmoecore calls per tile)
-//   openblas-P     OpenBLAS on its own P threads (the dense-SGEMM reference of the other benchmarks)
-//   libmoecore     ops::gemm: tiles over the library's P OpenMP threads, OpenBLAS on each
-// GFLOP/s, median of --reps calls after one warm-up call.
+// moe_gemm_engines — the measurement behind the CPU GEMM engine choice (docs/performance.md): GEMMs
+// on the experts' shapes (forward, dgrad, wgrad of one expert) in f32 and bf16, by
+//   openblas-1     OpenBLAS's SGEMM on one thread (what libmoecore's openblas engine runs per tile)
+//   openblas-P     OpenBLAS's SGEMM on its own P threads, as installed
+//   onednn-P       oneDNN's matmul on its own P threads, as installed (f32; bf16 in bf16)
+//   ours:<engine>  ops::gemm with the engine forced (onednn, openblas, eigen: every engine in the
+//                  build): tiles over the library's P OpenMP threads, the engine single-threaded on
+//                  each; bf16 on openblas/eigen widens to f32
+// GFLOP/s, median of --reps calls after one warm-up call; the engine the library picks by itself
+// is named in the header (build_info), with the CPU model.
 //
 //   moe_gemm_engines [--threads P] [--reps R] [--smoke]
 #include <cstdio>
@@ -14,10 +16,9 @@
 #include <string>
 #include <vector>
 
-#include <Eigen/Core>
-
 #include "bench_common.h"
 #include "device/ops.h"
+#include "kernels/cpu/cpu_kernels.h"
 
 using namespace moe;
 
@@ -52,41 +53,58 @@ int main(int argc, char** argv) {
   set_num_threads(threads);
   struct S {
     const char* what;
+    bool ta, tb;
     int64_t M, N, K;
   };
-  std::vector<S> shapes = {{"mixtral fc1 fwd, one expert", 512, 5632, 1024},
-                           {"mixtral fc2 fwd, one expert", 512, 1024, 2816},
-                           {"deepseek fc1 fwd, one expert", 192, 1024, 1024},
-                           {"small fc1 fwd, one expert", 512, 1024, 256}};
-  if (smoke) shapes = {{"tiny", 16, 32, 8}};
-  std::printf("moe_gemm_engines  %s; threads %d; eigen SIMD: %s\n", build_info().c_str(), threads,
-              Eigen::SimdInstructionSetsInUse());
-  std::printf("%-30s %6s %6s %6s %14s %12s %12s %12s\n", "shape", "M", "N", "K", "eigen-native", "openblas-1",
-              "openblas-P", "libmoecore");
-  using Mat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-  for (const S& s : shapes) {
-    Tensor A = bench::randn({s.M, s.K}, 1), B = bench::randn({s.N, s.K}, 2), C = Tensor::empty({s.M, s.N}, DType::f32);
-    Eigen::Map<const Mat> a(A.data_as<float>(), s.M, s.K), b(B.data_as<float>(), s.N, s.K);
-    Eigen::Map<Mat> c(C.data_as<float>(), s.M, s.N);
-    Eigen::setNbThreads(1);
-    const double eig = gflops_of(s.M, s.N, s.K, reps, [&] { c.noalias() = a * b.transpose(); });
-    double ob1 = 0, obp = 0;
+  // C (M, N) = op(A) · op(B): fwd A (M, K) · W (N, K)ᵀ; dgrad dY (M, N') · W (N', K); wgrad dYᵀ · X.
+  std::vector<S> shapes = {{"mixtral fc1 fwd", false, true, 512, 5632, 1024},
+                           {"mixtral fc2 fwd", false, true, 512, 1024, 2816},
+                           {"mixtral fc1 dgrad", false, false, 512, 1024, 5632},
+                           {"mixtral fc1 wgrad", true, false, 5632, 1024, 512},
+                           {"deepseek fc1 fwd", false, true, 192, 1024, 1024},
+                           {"deepseek fc1 wgrad", true, false, 1024, 1024, 192},
+                           {"small fc1 fwd", false, true, 512, 1024, 256}};
+  if (smoke) shapes = {{"tiny", false, true, 16, 32, 8}};
+  const std::vector<std::string> engines = cpu_gemm_engines_built();
+  std::printf("moe_gemm_engines  %s; threads %d\ncpu: %s\n", build_info().c_str(), threads,
+              bench::cpu_model_name().c_str());
+  for (DType dt : {DType::f32, DType::bf16}) {
+    std::printf("\n%s, GFLOP/s\n%-20s %6s %6s %6s %11s %11s %10s", dtype_name(dt), "shape", "M", "N", "K", "openblas-1",
+                "openblas-P", "onednn-P");
+    for (const std::string& e : engines) std::printf(" %14s", ("ours:" + e).c_str());
+    std::printf("\n");
+    for (const S& s : shapes) {
+      Tensor A = bench::randn(s.ta ? Shape{s.K, s.M} : Shape{s.M, s.K}, 1);
+      Tensor B = bench::randn(s.tb ? Shape{s.N, s.K} : Shape{s.K, s.N}, 2);
+      Tensor C = Tensor::empty({s.M, s.N}, DType::f32);
+      double ob1 = 0, obp = 0;
 #if MOE_BENCH_HAVE_OPENBLAS
-    const int before = openblas_get_num_threads();
-    auto blas = [&] {
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(s.M), static_cast<blasint>(s.N),
-                  static_cast<blasint>(s.K), 1.0f, A.data_as<float>(), static_cast<blasint>(s.K), B.data_as<float>(),
-                  static_cast<blasint>(s.K), 0.0f, C.data_as<float>(), static_cast<blasint>(s.N));
-    };
-    openblas_set_num_threads(1);
-    ob1 = gflops_of(s.M, s.N, s.K, reps, blas);
-    openblas_set_num_threads(threads);
-    obp = gflops_of(s.M, s.N, s.K, reps, blas);
-    openblas_set_num_threads(before);
+      if (dt == DType::f32) {
+        const int before = openblas_get_num_threads();
+        auto blas = [&] {
+          cblas_sgemm(CblasRowMajor, s.ta ? CblasTrans : CblasNoTrans, s.tb ? CblasTrans : CblasNoTrans,
+                      static_cast<blasint>(s.M), static_cast<blasint>(s.N), static_cast<blasint>(s.K), 1.0f,
+                      A.data_as<float>(), static_cast<blasint>(s.ta ? s.M : s.K), B.data_as<float>(),
+                      static_cast<blasint>(s.tb ? s.K : s.N), 0.0f, C.data_as<float>(), static_cast<blasint>(s.N));
+        };
+        openblas_set_num_threads(1);
+        ob1 = gflops_of(s.M, s.N, s.K, reps, blas);
+        openblas_set_num_threads(threads);
+        obp = gflops_of(s.M, s.N, s.K, reps, blas);
+        openblas_set_num_threads(before);
+      }
 #endif
-    const double lib = gflops_of(s.M, s.N, s.K, reps, [&] { ops::gemm(A, false, B, true, C); });
-    std::printf("%-30s %6lld %6lld %6lld %14.1f %12.1f %12.1f %12.1f\n", s.what, static_cast<long long>(s.M),
-                static_cast<long long>(s.N), static_cast<long long>(s.K), eig, ob1, obp, lib);
+      const double dnp = bench::dense_onednn_gflops(dt, s.M, s.N, s.K, reps, s.ta, s.tb);
+      std::printf("%-20s %6lld %6lld %6lld %11.1f %11.1f %10.1f", s.what, static_cast<long long>(s.M),
+                  static_cast<long long>(s.N), static_cast<long long>(s.K), ob1, obp, dnp);
+      if (dt == DType::bf16) A = ops::cast(A, dt), B = ops::cast(B, dt), C = Tensor::empty({s.M, s.N}, dt);
+      for (const std::string& e : engines) {
+        cpu_gemm_set_engine(e);
+        std::printf(" %14.1f", gflops_of(s.M, s.N, s.K, reps, [&] { ops::gemm(A, s.ta, B, s.tb, C); }));
+      }
+      cpu_gemm_set_engine("");
+      std::printf("\n");
+    }
   }
   return 0;
 }

@@ -27,7 +27,10 @@
 // bench::model_flops in bench_common.h —, the dense-SGEMM reference, memory), optionally the
 // per-module breakdown, then as its last two lines
 //   sgemm_gflops=<r> efficiency=<e> rss_peak_bytes=<m>
-//   tokens_per_s=<x> gflops=<y> peak_bytes=<z>
+//   tokens_per_s=<x> gflops=<y> peak_bytes=<z> activation_bytes=<a>
+// (activation_bytes: the allocator's current bytes right after the last forward minus right before
+// it, what the forward keeps for the backward; Megatron's recompute / offload flags change it,
+// docs/memory.md)
 // peak_bytes: the allocator's peak during the steps above what was held before the first forward
 // (parameters and their gradients); rss_peak_bytes: the resident-set high-water mark over the steps
 // above the resident set before the first forward (as moe_layer_bench measures both). The SGEMM
@@ -276,7 +279,8 @@ int run(int argc, char** argv) {
   examples::Args args(argc, argv,
                       {"smoke", "swiglu", "breakdown", "group-query-attention", "disable-bias-linear",
                        "untie-embeddings-and-output-weights", "qk-layernorm", "moe-router-enable-expert-bias",
-                       "moe-router-pre-softmax", "gated-linear-unit", "moe-shared-expert-gate"});
+                       "moe-router-pre-softmax", "gated-linear-unit", "moe-shared-expert-gate", "bf16",
+                       "fine-grained-activation-offloading"});
   const bool smoke = args.get("smoke", "false") == "true";
   const std::string preset = args.get("preset", "");
   MoEConfig cfg;
@@ -308,12 +312,14 @@ int run(int argc, char** argv) {
   }
   (void)args.get("group-query-attention", "false");  // Megatron's switch; num_query_groups decides here
   if (args.get("disable-bias-linear", "false") == "true") cfg.add_bias_linear = false;
+  if (args.get("bf16", "false") == "true") cfg.params_dtype = "bf16";  // Megatron's --bf16
   args.apply_config_flags(cfg);
   cfg = resolve_model_config(cfg);
   validate_model(cfg);
   MOE_CHECK(b >= 1 && iters >= 1 && warmup >= 0 && sgemm_reps >= 0 && breakdown_reps >= 1,
             "--micro-batch-size, --iters and --breakdown-reps must be >= 1, --warmup and --sgemm-reps >= 0");
-  MOE_CHECK(cfg.params_dtype == "fp32", "moe_gpt_bench measures fp32, got params_dtype ", cfg.params_dtype);
+  MOE_CHECK(cfg.params_dtype == "fp32" || cfg.params_dtype == "bf16", "moe_gpt_bench measures fp32 or bf16, got params_dtype ",
+            cfg.params_dtype);
   if (threads > 0) set_num_threads(static_cast<int>(threads));
   const int64_t S = cfg.seq_length, V = cfg.vocab_size, T = b * S;
 
@@ -337,12 +343,15 @@ int run(int argc, char** argv) {
 
   std::vector<double> t_fwd, t_bwd, t_step;
   double loss_first = 0.0, loss_last = 0.0, aux = 0.0;
+  int64_t activation_bytes = 0;  // allocator bytes the forward leaves for the backward (docs/memory.md)
   for (int64_t it = 0; it < warmup + iters; ++it) {
     ForwardContext ctx;
     ctx.step = it;
+    const int64_t before_fwd = cpu.memory_stats().current_bytes;
     const double t0 = bench::now_s();
     const double loss = model.forward(batch, ctx);
     const double t1 = bench::now_s();
+    activation_bytes = cpu.memory_stats().current_bytes - before_fwd;
     model.backward();
     const double t2 = bench::now_s();
     aux = 0.0;
@@ -369,6 +378,7 @@ int run(int argc, char** argv) {
   for (int64_t i = 0; i < cfg.num_layers; ++i) L_moe += cfg.is_moe_layer(i) ? 1 : 0;
   std::printf("moe_gpt_bench  %s; threads %d\n", build_info().c_str(), num_threads());
   std::printf("cpu: %s\n", bench::cpu_model_name().c_str());
+  std::printf("precision: %s\n", cfg.params_dtype.c_str());
   std::printf("config: %s L=%lld (MoE %lld) H=%lld heads=%lld groups=%lld hd=%lld%s %s %s%s V=%lld%s S=%lld b=%lld\n",
               preset.empty() ? (smoke ? "smoke" : "custom") : preset.c_str(),
               static_cast<long long>(cfg.num_layers), static_cast<long long>(L_moe),
@@ -424,8 +434,8 @@ int run(int argc, char** argv) {
   if (breakdown) print_breakdown(cfg, b, breakdown_reps, step);
   std::printf("sgemm_gflops=%.3f efficiency=%.4f rss_peak_bytes=%lld\n", ref, ref > 0 ? gflops / ref : 0.0,
               static_cast<long long>(rss_peak));
-  std::printf("tokens_per_s=%.2f gflops=%.3f peak_bytes=%lld\n", tokens_per_s, gflops,
-              static_cast<long long>(peak_bytes));
+  std::printf("tokens_per_s=%.2f gflops=%.3f peak_bytes=%lld activation_bytes=%lld\n", tokens_per_s, gflops,
+              static_cast<long long>(peak_bytes), static_cast<long long>(activation_bytes));
   return 0;
 }
 

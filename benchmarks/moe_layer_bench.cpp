@@ -14,13 +14,19 @@
 //                    --gated-linear-unit false for a plain GELU MLP)
 //   --sgemm-reps R   calls of the dense-SGEMM reference (0: skip it), default 3
 //   --smoke          one tiny step (CI): small shapes unless given, no reference
+//   --bf16           params_dtype bf16 (parameters, activations and GEMMs in bf16, f32
+//                    accumulation); the reference is then the machine's best bf16 GEMM rate
 // Defaults: fp32, swiglu, aux_loss with coefficient 1e-2, seed 1234, inputs N(0, 1).
 //
 // Prints a table (median step time over the measured steps, forward and backward apart, tokens/s,
 // GFLOP/s of the layer's GEMM FLOPs, the dense-SGEMM reference, memory), then
 //   sgemm_gflops=<r> efficiency=<e> rss_peak_bytes=<m>
-//   tokens_per_s=<x> gflops=<y> peak_bytes=<z>
-// as its last two lines. peak_bytes is the allocator's peak during the steps above what was held
+//   tokens_per_s=<x> gflops=<y> peak_bytes=<z> activation_bytes=<a>
+// as its last two lines (activation_bytes: the allocator's current bytes right after the last
+// forward minus right before it — what the forward keeps for the backward, with its output; the
+// recompute / offload flags are Megatron's: --recompute-granularity selective --recompute-modules
+// moe, --fine-grained-activation-offloading --offload-modules expert_fc1,moe_act, docs/memory.md).
+// peak_bytes is the allocator's peak during the steps above what was held
 // before the first forward (parameters, their gradients, the input and the output gradient);
 // rss_peak_bytes is the resident-set high-water mark over the steps above the resident set before
 // the first forward (VmHWM after a reset through /proc/self/clear_refs, with malloc_trim first so
@@ -70,7 +76,8 @@ std::string human_bytes(double b) {
 
 int run(int argc, char** argv) {
   examples::Args args(argc, argv, {"moe-router-enable-expert-bias", "swiglu", "smoke", "moe-router-pre-softmax",
-                                   "gated-linear-unit", "moe-shared-expert-gate"});
+                                   "gated-linear-unit", "moe-shared-expert-gate", "bf16",
+                                   "fine-grained-activation-offloading"});
   const bool smoke = args.get("smoke", "false") == "true";
   const std::string preset = args.get("preset", "");
   MoEConfig cfg = bench::base_config();
@@ -95,11 +102,14 @@ int run(int argc, char** argv) {
     cfg.gated_linear_unit = true;
     cfg.activation_func = "silu";
   }
+  if (args.get("bf16", "false") == "true") cfg.params_dtype = "bf16";
   args.apply_config_flags(cfg);
   validate(cfg);
   MOE_CHECK(T >= 1 && iters >= 1 && warmup >= 0 && sgemm_reps >= 0,
             "--num-tokens and --iters must be >= 1, --warmup and --sgemm-reps >= 0");
-  MOE_CHECK(cfg.params_dtype == "fp32", "moe_layer_bench measures fp32, got params_dtype ", cfg.params_dtype);
+  MOE_CHECK(cfg.params_dtype == "fp32" || cfg.params_dtype == "bf16", "moe_layer_bench measures fp32 or bf16, got params_dtype ",
+            cfg.params_dtype);
+  const DType dt = cfg.params_dtype == "bf16" ? DType::bf16 : DType::f32;
   if (threads > 0) set_num_threads(static_cast<int>(threads));
   const int64_t H = cfg.hidden_size;
 
@@ -109,8 +119,8 @@ int run(int argc, char** argv) {
 
   Backend& cpu = get_backend(Device::cpu());
   MoELayer layer(cfg, Device::cpu());
-  Tensor x = bench::randn({T, H}, 1);
-  Tensor dout = bench::randn({T, H}, 2, 1e-2f);
+  Tensor x = ops::cast(bench::randn({T, H}, 1), dt);
+  Tensor dout = ops::cast(bench::randn({T, H}, 2, 1e-2f), dt);
   layer.zero_grad();
 
   malloc_trim(0);  // free heap pages left by the setup go back to the OS: the growth below counts every page
@@ -121,12 +131,15 @@ int run(int argc, char** argv) {
 
   std::vector<double> t_fwd, t_bwd, t_step;
   double aux = 0.0;
+  int64_t activation_bytes = 0;  // allocator bytes the forward leaves for the backward (+ its output)
   for (int64_t it = 0; it < warmup + iters; ++it) {
     ForwardContext ctx;
     ctx.step = it;
+    const int64_t before_fwd = cpu.memory_stats().current_bytes;
     const double t0 = bench::now_s();
     Tensor y = layer.forward(x, ctx);
     const double t1 = bench::now_s();
+    activation_bytes = cpu.memory_stats().current_bytes - before_fwd;
     Tensor dx = layer.backward(dout);
     const double t2 = bench::now_s();
     layer.finish_step();  // expert-bias update (a few E-sized host ops), outside the timed step
@@ -145,6 +158,7 @@ int run(int argc, char** argv) {
   const double gflops = flops / step * 1e-9;
 
   std::printf("moe_layer_bench  %s; threads %d\n", build_info().c_str(), num_threads());
+  std::printf("precision: %s\n", cfg.params_dtype.c_str());
   std::printf("config: %s H=%lld F=%lld E=%lld k=%lld score=%s%s%s%s act=%s%s aux=%g T=%lld\n",
               preset.empty() ? "custom" : preset.c_str(), static_cast<long long>(H),
               static_cast<long long>(cfg.moe_ffn_hidden_size), static_cast<long long>(cfg.num_moe_experts),
@@ -167,7 +181,7 @@ int run(int argc, char** argv) {
   std::printf("%-28s %14.3f\n", "GEMM GFLOP per step", flops * 1e-9);
   std::printf("%-28s %14.2f\n", "GFLOP/s", gflops);
   if (ref > 0) {
-    std::printf("%-28s %14.2f\n", "dense SGEMM GFLOP/s", ref);
+    std::printf("%-28s %14.2f\n", dt == DType::bf16 ? "best bf16 GEMM GFLOP/s" : "best SGEMM GFLOP/s", ref);
     std::printf("%-28s %14.3f\n", "efficiency (÷ SGEMM)", gflops / ref);
   }
   std::printf("%-28s %14s\n", "allocator peak", human_bytes(static_cast<double>(peak_bytes)).c_str());
@@ -176,8 +190,8 @@ int run(int argc, char** argv) {
   std::printf("%-28s %14.6f\n", "aux loss (last step)", aux);
   std::printf("sgemm_gflops=%.3f efficiency=%.4f rss_peak_bytes=%lld\n", ref, ref > 0 ? gflops / ref : 0.0,
               static_cast<long long>(rss_peak));
-  std::printf("tokens_per_s=%.2f gflops=%.3f peak_bytes=%lld\n", tokens_per_s, gflops,
-              static_cast<long long>(peak_bytes));
+  std::printf("tokens_per_s=%.2f gflops=%.3f peak_bytes=%lld activation_bytes=%lld\n", tokens_per_s, gflops,
+              static_cast<long long>(peak_bytes), static_cast<long long>(activation_bytes));
   return 0;
 }
 

@@ -7,7 +7,7 @@ set -euo pipefail
 PACKAGES=(
   build-essential cmake pkg-config
   libeigen3-dev libfmt-dev libspdlog-dev nlohmann-json3-dev
-  libopenblas-dev
+  libopenblas-dev libdnnl-dev  # CPU GEMM engines (kernels/cpu/gemm.cpp): oneDNN preferred, OpenBLAS for f64
   libopenmpi-dev openmpi-bin
   libgtest-dev libgmock-dev libbenchmark-dev
   fortunes  # the default training corpus (scripts/prepare_corpus.sh)

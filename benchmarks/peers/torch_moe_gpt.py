@@ -35,6 +35,7 @@ counts them, exactly as moe_gpt_bench counts them, per second).
 --smoke runs one tiny step; without torch it exits 77 (reported as skipped).
 """
 import argparse
+import contextlib
 import math
 import os
 import statistics
@@ -108,6 +109,7 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--sgemm-reps", type=int, default=0,
                    help="calls of torch's dense SGEMM at moe_gpt_bench's reference shape (0: skip)")
+    p.add_argument("--bf16", action="store_true", help="forward under torch.autocast(cpu, bfloat16)")
     p.add_argument("--smoke", action="store_true", help="one tiny step; exit 77 without torch")
     a = p.parse_args(argv)
     cfg = dict(COMMON)
@@ -119,7 +121,7 @@ def parse_args(argv):
         a.iters, a.warmup = 1, 0
     c = argparse.Namespace(**cfg)
     c.preset = a.preset or ("smoke" if a.smoke else "custom")  # "custom": the mixtral-cpu values, then the flags
-    for k in ("iters", "warmup", "threads", "sgemm_reps", "smoke"):
+    for k in ("iters", "warmup", "threads", "sgemm_reps", "smoke", "bf16"):
         setattr(c, k, getattr(a, k))
     # Derived values, as libmoecore's config derives them.
     c.num_query_groups = c.num_query_groups or c.num_attention_heads
@@ -354,7 +356,7 @@ def build(c, torch):
                 h = F.linear(xe, self.fc1[e])
                 outs.append(F.linear(swiglu(h) * pe.unsqueeze(-1), self.fc2[e]))
             y = torch.cat(outs, dim=0)
-            out = torch.zeros(T, H).index_add_(0, token_of_row, y)
+            out = torch.zeros(T, H, dtype=y.dtype).index_add_(0, token_of_row, y)
             if self.shared is not None:
                 out = out + self.shared(x)
             return out.view_as(x3), aux
@@ -446,14 +448,18 @@ def main(argv):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
         pass
+    def autocast():  # --bf16: the GEMMs in bf16 (oneDNN), parameters and gradients f32
+        return torch.autocast("cpu", dtype=torch.bfloat16) if c.bf16 else contextlib.nullcontext()
+
     rss_reset = reset_rss_peak()
     rss_base = rss_now()
     t_fwd, t_bwd, t_step = [], [], []
     loss_first = loss_last = aux_value = 0.0
     for it in range(c.warmup + c.iters):
         t0 = time.perf_counter()
-        lm, auxes = model(tokens, labels)
-        total = lm + sum(auxes) if auxes else lm
+        with autocast():
+            lm, auxes = model(tokens, labels)
+            total = lm + sum(auxes) if auxes else lm
         t1 = time.perf_counter()
         total.backward()
         t2 = time.perf_counter()
@@ -480,7 +486,8 @@ def main(argv):
         ts = []
         for rep in range(c.sgemm_reps + 1):
             s0 = time.perf_counter()
-            F.linear(A, B)
+            with autocast():
+                F.linear(A, B)
             if rep:
                 ts.append(time.perf_counter() - s0)
         ref = 2.0 * A.shape[0] * B.shape[0] * c.hidden_size / statistics.median(ts) * 1e-9
@@ -491,6 +498,7 @@ def main(argv):
         "scaled_dot_product_attention" if has_sdpa else "explicit softmax (baddbmm, bmm)",
         ", ".join(blas_in_use()) or "?"))
     print("cpu: %s" % cpu_model())
+    print("precision: %s" % ("bf16 (autocast)" if c.bf16 else "fp32"))
     print("config: %s L=%d (MoE %d) H=%d heads=%d groups=%d hd=%d%s %s %s%s V=%d %s S=%d b=%d" % (
         c.preset, c.num_layers, moe_layers, c.hidden_size, c.num_attention_heads, c.num_query_groups,
         c.kv_channels, " qk-norm" if c.qk_layernorm else "", c.normalization, c.position_embedding_type,

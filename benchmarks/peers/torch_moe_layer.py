@@ -28,8 +28,13 @@ over the steps above the resident set before the first forward (VmHWM after a re
 rss_peak_bytes. FLOPs are the
 layer's GEMM FLOPs, counted exactly as moe_layer_bench counts them.
 
+--bf16 runs the forward under torch.autocast("cpu", dtype=torch.bfloat16) (the GEMMs in bf16 through
+oneDNN, parameters and their gradients f32), the mixed precision a PyTorch user gets on the CPU; the
+reference rate is then torch's bf16 matmul at the same shape.
+
 --smoke runs one tiny step; without torch it exits 77 (reported as skipped).
 """
+import contextlib
 import argparse
 import os
 import statistics
@@ -55,6 +60,7 @@ def parse_args(argv):
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--bf16", action="store_true", help="forward under torch.autocast(cpu, bfloat16)")
     p.add_argument("--sgemm-reps", type=int, default=0,
                    help="calls of torch's dense SGEMM at the reference shape (0: skip)")
     p.add_argument("--smoke", action="store_true", help="one tiny step; exit 77 without torch")
@@ -197,7 +203,7 @@ def main(argv):
             outs.append(F.linear(ae, fc2[e]))
         y = torch.cat(outs, dim=0)  # (N, H)
         # combine: index_add back to the tokens
-        out = torch.zeros(T, H).index_add_(0, token_of_row, y)
+        out = torch.zeros(T, H, dtype=y.dtype).index_add_(0, token_of_row, y)
         if Fs:
             out = out + F.linear(swiglu(F.linear(x, shared_fc1)), shared_fc2)
         return out, aux
@@ -206,6 +212,9 @@ def main(argv):
         if expert_bias is not None:
             expert_bias.add_(a.moe_router_bias_update_rate * torch.sign(local_counts.mean() - local_counts))
             local_counts.zero_()
+
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16) if a.bf16 else contextlib.nullcontext()
 
     x.grad = torch.zeros_like(x)
     try:  # free heap pages left by the setup go back to the OS, so the growth counts every page
@@ -219,7 +228,8 @@ def main(argv):
     aux_value = 0.0
     for it in range(a.warmup + a.iters):
         t0 = time.perf_counter()
-        out, aux = layer(x)
+        with autocast():
+            out, aux = layer(x)
         t1 = time.perf_counter()
         torch.autograd.backward([out, aux], [dout, torch.ones(())])
         t2 = time.perf_counter()
@@ -244,7 +254,8 @@ def main(argv):
         ts = []
         for r in range(a.sgemm_reps + 1):
             s0 = time.perf_counter()
-            F.linear(A, B)
+            with autocast():
+                F.linear(A, B)
             if r:
                 ts.append(time.perf_counter() - s0)
         ref = 2.0 * T * k * H * 3 * Fw / statistics.median(ts) * 1e-9
@@ -252,6 +263,7 @@ def main(argv):
     print("torch_moe_layer  torch %s; threads %d (interop %d); BLAS: %s" % (
         torch.__version__, torch.get_num_threads(), torch.get_num_interop_threads(),
         ", ".join(blas_in_use()) or "?"))
+    print("precision: %s" % ("bf16 (autocast)" if a.bf16 else "fp32"))
     print("config: H=%d F=%d E=%d k=%d score=%s%s%s%s act=glu-silu aux=%g T=%d" % (
         H, Fw, E, k, a.moe_router_score_function, "+bias" if expert_bias is not None else "",
         " groups=%d/%d" % (a.moe_router_num_groups, a.moe_router_group_topk) if a.moe_router_num_groups else "",

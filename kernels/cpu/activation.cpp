@@ -9,7 +9,8 @@
 // Compute is f32 for f32/bf16/f16 storage and f64 for f64; rows are independent, so the row loop
 // is split over threads with no effect on the result.
 //
-// f32 silu (swiglu and plain) takes a vectorised path: σ from a polynomial exp (Cephes' expf
+// f32 and bf16 silu (swiglu and plain) take a vectorised path (bf16 loaded into f32 lanes by a
+// shift, computed in f32, rounded once to nearest-even on the store, as float_to_bf16 does): σ from a polynomial exp (Cephes' expf
 // coefficients, within 2 ulp of expf over the clamped range, NaN in gives NaN out), rows in blocks
 // of 16 lanes, the drow_scale sum kept in 16 lane sums added in a fixed order, and the row
 // functions compiled for x86-64-v4 / v3 / baseline with the best picked at load time
@@ -104,6 +105,8 @@ A row_scale_of(const void* scale, int64_t r) {
 constexpr int64_t kLanes = 16;
 typedef float vf __attribute__((vector_size(kLanes * 4)));
 typedef int32_t vi __attribute__((vector_size(kLanes * 4)));
+typedef uint32_t vu __attribute__((vector_size(kLanes * 4)));
+typedef uint16_t vh __attribute__((vector_size(kLanes * 2)));
 
 MOE_ALWAYS_INLINE vf splat(float v) { return vf{} + v; }
 MOE_ALWAYS_INLINE vf load(const float* p) {
@@ -112,16 +115,33 @@ MOE_ALWAYS_INLINE vf load(const float* p) {
   return v;
 }
 MOE_ALWAYS_INLINE void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+// bf16: the 16 bits are the high half of the f32.
+MOE_ALWAYS_INLINE vf load(const bf16* p) {
+  vh h;
+  std::memcpy(&h, p, sizeof h);
+  return (vf)(__builtin_convertvector(h, vu) << 16);
+}
+// Round to nearest even, NaN kept NaN (quiet): float_to_bf16 on every lane.
+MOE_ALWAYS_INLINE void store(bf16* p, vf v) {
+  const vu u = (vu)v;
+  const vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const vu nan = (u >> 16) | 0x40u;
+  const vu r = (u & 0x7fffffffu) > 0x7f800000u ? nan : rounded;
+  const vh h = __builtin_convertvector(r, vh);
+  std::memcpy(static_cast<void*>(p), &h, sizeof h);
+}
 // The first n lanes from p, zeros after (n < kLanes).
-MOE_ALWAYS_INLINE vf load_part(const float* p, int64_t n, float fill) {
+template <class T>
+MOE_ALWAYS_INLINE vf load_part(const T* p, int64_t n, float fill) {
   float t[kLanes];
-  for (int64_t i = 0; i < kLanes; ++i) t[i] = i < n ? p[i] : fill;
+  for (int64_t i = 0; i < kLanes; ++i) t[i] = i < n ? to_acc(p[i]) : fill;
   return load(t);
 }
-MOE_ALWAYS_INLINE void store_part(float* p, vf v, int64_t n) {
+template <class T>
+MOE_ALWAYS_INLINE void store_part(T* p, vf v, int64_t n) {
   float t[kLanes];
   store(t, v);
-  for (int64_t i = 0; i < n; ++i) p[i] = t[i];
+  for (int64_t i = 0; i < n; ++i) p[i] = from_acc<T>(t[i]);
 }
 
 // exp(x) per lane without a libm call: x = n·ln2 + r, |r| ≤ ln2/2, exp(r) by Cephes' degree-6
@@ -146,9 +166,10 @@ MOE_ALWAYS_INLINE vf exp_f32(vf x) {
 }
 MOE_ALWAYS_INLINE vf sigmoid_f32(vf x) { return 1.0f / (1.0f + exp_f32(-x)); }
 
-// o (F) = silu(x_a) · x_b · s (glu: x = [a | b]) or silu(x) · s.
-MOE_ACT_CLONES void silu_fwd_row(const float* x, float s, float* o, int64_t F, bool glu) {
-  const float* xb = glu ? x + F : nullptr;
+// o (F) = silu(x_a) · x_b · s (glu: x = [a | b]) or silu(x) · s. T: f32 or bf16 storage.
+template <class T>
+MOE_ALWAYS_INLINE void silu_fwd_row_impl(const T* x, float s, T* o, int64_t F, bool glu) {
+  const T* xb = glu ? x + F : nullptr;
   int64_t f = 0;
   for (; f + kLanes <= F; f += kLanes) {
     const vf a = load(x + f);
@@ -177,7 +198,8 @@ MOE_ALWAYS_INLINE void silu_bwd_block(vf a, vf b, vf d, float s, vf& da, vf& db,
 
 // dx = ∂o/∂x · dy for the row (dx may be x itself: every block is loaded before it is stored);
 // returns Σ_f dy · o / s, the lane sums added in a fixed order.
-MOE_ACT_CLONES float silu_bwd_row(const float* x, float s, const float* dy, float* dx, int64_t F, bool glu) {
+template <class T>
+MOE_ALWAYS_INLINE float silu_bwd_row_impl(const T* x, float s, const T* dy, T* dx, int64_t F, bool glu) {
   vf acc = splat(0.0f), da, db;
   int64_t f = 0;
   for (; f + kLanes <= F; f += kLanes) {
@@ -198,6 +220,20 @@ MOE_ACT_CLONES float silu_bwd_row(const float* x, float s, const float* dy, floa
   return ds;
 }
 
+// The row functions, one clone set per storage type.
+MOE_ACT_CLONES void silu_fwd_row(const float* x, float s, float* o, int64_t F, bool glu) {
+  silu_fwd_row_impl(x, s, o, F, glu);
+}
+MOE_ACT_CLONES void silu_fwd_row(const bf16* x, float s, bf16* o, int64_t F, bool glu) {
+  silu_fwd_row_impl(x, s, o, F, glu);
+}
+MOE_ACT_CLONES float silu_bwd_row(const float* x, float s, const float* dy, float* dx, int64_t F, bool glu) {
+  return silu_bwd_row_impl(x, s, dy, dx, F, glu);
+}
+MOE_ACT_CLONES float silu_bwd_row(const bf16* x, float s, const bf16* dy, bf16* dx, int64_t F, bool glu) {
+  return silu_bwd_row_impl(x, s, dy, dx, F, glu);
+}
+
 }  // namespace
 
 void cpu_act_fwd(const ActFwdArgs& a, const ExecCtx&) {
@@ -206,11 +242,11 @@ void cpu_act_fwd(const ActFwdArgs& a, const ExecCtx&) {
     using A = acc_t<T>;
     dispatch_scale(a.scale_dtype, a.row_scale != nullptr, "act_fwd", [&](auto stag) {
       using S = decltype(stag);
-      if constexpr (std::is_same_v<T, float>) {
+      if constexpr (std::is_same_v<T, float> || std::is_same_v<T, bf16>) {
         if (a.act == Activation::silu) {
           const int64_t F = a.F, in_w = a.glu ? 2 * F : F;
-          const float* in = static_cast<const float*>(a.in);
-          float* out = static_cast<float*>(a.out);
+          const T* in = static_cast<const T*>(a.in);
+          T* out = static_cast<T*>(a.out);
 #pragma omp parallel for schedule(static) if (a.rows * F > kParallelElems)
           for (int64_t r = 0; r < a.rows; ++r)
             silu_fwd_row(in + r * in_w, row_scale_of<float, S>(a.row_scale, r), out + r * F, F, a.glu);
@@ -245,12 +281,12 @@ void cpu_act_bwd(const ActBwdArgs& a, const ExecCtx&) {
     // One scale type for row_scale and drow_scale (the wrapper checks they agree).
     dispatch_scale(a.scale_dtype, a.row_scale != nullptr || a.drow_scale != nullptr, "act_bwd", [&](auto stag) {
       using S = decltype(stag);
-      if constexpr (std::is_same_v<T, float>) {
+      if constexpr (std::is_same_v<T, float> || std::is_same_v<T, bf16>) {
         if (a.act == Activation::silu) {
           const int64_t F = a.F, in_w = a.glu ? 2 * F : F;
-          const float* in = static_cast<const float*>(a.in);
-          const float* dout = static_cast<const float*>(a.dout);
-          float* din = static_cast<float*>(a.din);
+          const T* in = static_cast<const T*>(a.in);
+          const T* dout = static_cast<const T*>(a.dout);
+          T* din = static_cast<T*>(a.din);
 #pragma omp parallel for schedule(static) if (a.rows * F > kParallelElems)
           for (int64_t r = 0; r < a.rows; ++r) {
             const float s = a.row_scale ? row_scale_of<float, S>(a.row_scale, r) : 1.0f;

@@ -106,8 +106,8 @@ std::string build_info() {
 #else
   s += " (built without CUDA)";
 #endif
-  s += "; blas: ";
-  s += cpu_blas_name();
+  s += "; gemm: ";
+  s += cpu_gemm_info();
 #if MOE_HAVE_MPI
   s += "; mpi: yes";
 #else

@@ -6,7 +6,9 @@
 // a token's copies in expert order in the compute type (f32 for f32/bf16/f16, f64 for f64).
 // Parallel loops split tokens (or fixed blocks of tokens) across threads; every output element is
 // produced by exactly one iteration in a fixed order, so results do not depend on the thread count.
-// The unweighted f32 sum (the layer's combine) runs 16 lanes at a time (sum_rows_f32).
+// The unweighted sums (the layer's combine) run 16 lanes at a time: sum_rows_f32, and for bf16
+// sum_rows_bf16 (widened to f32 by a shift, summed in f32, rounded back like float_to_bf16), each
+// compiled for AVX-512, AVX2 and plain x86-64 with the same bits.
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
@@ -191,6 +193,44 @@ MOE_PERM_CLONES void sum_rows_f32(const float* const* src, size_t n, float* o, i
   }
 }
 
+// o (H) = bf16(src[0] + src[1] + ... + src[n-1]) with the sum in f32, in that order (n ≥ 1), 16
+// lanes at a time: a bf16 widens exactly to f32 (its bits shifted up by 16), and the sum rounds back
+// with store_as<bf16>'s branch-free round to nearest even (NaN stays NaN, quieted), lane by lane.
+// The same values, additions and rounding as the scalar loop, so the same bits (n = 1 included).
+MOE_PERM_CLONES void sum_rows_bf16(const bf16* const* src, size_t n, bf16* o, int64_t H) {
+  typedef float vf __attribute__((vector_size(64)));
+  typedef uint32_t vu __attribute__((vector_size(64)));
+  typedef int32_t vi __attribute__((vector_size(64)));
+  typedef uint16_t vh __attribute__((vector_size(32)));
+  constexpr int64_t kL = 16;
+  int64_t h = 0;
+  for (; h + kL <= H; h += kL) {
+    vh b;
+    vu u;
+    vf acc, x;
+    std::memcpy(&b, src[0] + h, sizeof b);
+    u = __builtin_convertvector(b, vu) << 16;
+    std::memcpy(&acc, &u, sizeof acc);
+    for (size_t j = 1; j < n; ++j) {
+      std::memcpy(&b, src[j] + h, sizeof b);
+      u = __builtin_convertvector(b, vu) << 16;
+      std::memcpy(&x, &u, sizeof x);
+      acc += x;
+    }
+    std::memcpy(&u, &acc, sizeof u);
+    const vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const vu nan = (u >> 16) | 0x40u;
+    const vu is_nan = reinterpret_cast<vu>(reinterpret_cast<vi>(u & 0x7fffffffu) > 0x7f800000);
+    const vh r = __builtin_convertvector((nan & is_nan) | (rounded & ~is_nan), vh);
+    std::memcpy(static_cast<void*>(o + h), &r, sizeof r);
+  }
+  for (; h < H; ++h) {
+    float a = bf16_to_float(src[0][h]);
+    for (size_t j = 1; j < n; ++j) a += bf16_to_float(src[j][h]);
+    o[h] = store_as<bf16>(a);
+  }
+}
+
 // out[t] = Σ_e w · in[row(t, e)] over routed e in expert order, accumulated in the compute type.
 // The first routed copy initialises the sum (so one unweighted copy comes back bit-exact, -0 too);
 // an unrouted token gets zeros. One or two copies (top-1, top-2) take a single fused pass over
@@ -243,6 +283,12 @@ void cpu_unpermute(const UnpermuteArgs& a, const ExecCtx&) {
             if constexpr (std::is_same_v<T_, float> && !kWeights) {  // the layer's combine: plain f32 sums
               if (n >= 2) {
                 sum_rows_f32(src.data(), n, o, H);
+                continue;
+              }
+            }
+            if constexpr (std::is_same_v<T_, bf16> && !kWeights) {  // the same in bf16, summed in f32
+              if (n >= 1) {
+                sum_rows_bf16(src.data(), n, o, H);
                 continue;
               }
             }

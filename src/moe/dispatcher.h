@@ -21,6 +21,10 @@ struct DispatchOutput {
   Tensor tokens;                          // (N, H) expert-major rows for the local experts
   Tensor probs;                           // (N) prob dtype, travelling with the rows
   std::vector<int64_t> rows_per_expert;   // (G) rows of each local expert
+  // The device-count mode (local and allgather dispatchers, use_device_counts): the counts stay on
+  // the device and rows_per_expert is empty; tokens and probs then have N_max rows (a bound: tokens
+  // · min(routes per token, G)), of which the first row_offsets[G] are the routed rows.
+  Tensor row_offsets;  // (G+1) i64 on the device: exclusive prefix sum of rows per local expert, N last
 };
 
 // Bytes a dispatcher moved between ranks, for benchmarks.
@@ -49,9 +53,20 @@ class TokenDispatcher {
   virtual void release(int64_t key) = 0;
   const DispatchTraffic& traffic() const { return traffic_; }
   void reset_traffic() { traffic_ = {}; }
+  // The host-sync-free mode (docs/gpu.md; the layer turns it on): the local and allgather
+  // dispatchers keep the counts on the device (DispatchOutput::row_offsets) and size their rows by
+  // at most `routes_per_token` routed experts per token (the router's top-k; 0: every local expert,
+  // as with capacity padding) instead of reading the counts on the host. The all-to-all dispatcher
+  // needs its counts on the host and ignores it.
+  void use_device_counts(int64_t routes_per_token) {
+    device_counts_ = true;
+    routes_per_token_ = routes_per_token;
+  }
 
  protected:
   DispatchTraffic traffic_;
+  bool device_counts_ = false;
+  int64_t routes_per_token_ = 0;
 };
 
 // Per-key state of a dispatcher: find() names the dispatcher and key when a call comes without its
@@ -88,7 +103,8 @@ class LocalDispatcher final : public TokenDispatcher {
  private:
   struct State {
     Tensor row_id_map;  // (T, E) i32
-    int64_t N = 0;
+    int64_t N = 0;      // rows (N_max in the device-count mode)
+    Tensor num_rows;    // (1) i64 on the device: the routed rows N (device-count mode only)
   };
   PendingStates<State> states_;
 };
@@ -117,7 +133,8 @@ class AllGatherDispatcher final : public TokenDispatcher {
     int64_t E = 0;
     std::vector<int64_t> rank_rows;  // (group size) tokens on each rank
     Tensor row_id_map;               // (T_g, G) i32
-    int64_t N = 0;
+    int64_t N = 0;                   // rows (N_max in the device-count mode)
+    Tensor num_rows;                 // (1) i64 on the device: the routed rows N (device-count mode only)
   };
   Tensor gather_rows(const State& st, const Tensor& local);   // (T, ...) → (T_g, ...)
   Tensor scatter_rows(const State& st, const Tensor& global);  // (T_g, ...) → (T, ...), summed over the group
@@ -127,9 +144,10 @@ class AllGatherDispatcher final : public TokenDispatcher {
 };
 
 // All-to-all dispatcher (Megatron's MoEAlltoAllTokenDispatcher):
-//   dispatch: counts → all-gather over ETP×EP → splits; permute; all-to-all-v over EP;
-//             all-gather-v over ETP; sort chunks [source][local expert] → [local expert][source]
-//   combine:  inverse sort; reduce-scatter-v over ETP; all-to-all-v back over EP; unpermute
+//   dispatch: counts → gathered over ETP×EP (one point-to-point round) → splits; permute (own rows
+//             straight into place); exchange over EP straight into [local expert][source] order;
+//             all-gather-v over ETP (+ a chunk sort when ETP > 1)
+//   combine:  (inverse sort; reduce-scatter-v over ETP); exchange back over EP; unpermute
 // The backward is the mirror with the splits swapped.
 class AllToAllDispatcher final : public TokenDispatcher {
  public:
@@ -148,21 +166,45 @@ class AllToAllDispatcher final : public TokenDispatcher {
   void release(int64_t key) override { states_.release(key); }
 
  private:
-  // Of one pending micro-batch:
+  // Of one pending micro-batch. Local rows are expert-major (N_loc, ·): chunk (j, g) holds the rows
+  // for local expert g of EP rank j. On the way out the rows for other EP ranks are permuted into a
+  // packed send buffer and this rank's own rows straight into place; after the EP exchange this
+  // rank holds (N_recv, ·) in [local expert][EP source] order; with ETP the all-gather adds the
+  // ETP sources.
   struct State {
-    Tensor row_id_map;                     // (T, E) i32
+    Tensor row_id_map;                     // (T, E) i32 into the expert-major rows
+    Tensor map_left, map_right;            // (T, p·G) / (T, E − (p+1)·G) i32: the other EP ranks' experts,
+                                           // rows of each block in the packed send buffer
+    std::vector<Tensor> map_self;          // (G) × (T, 1) i32: rows of my local expert g in its chunk
     int64_t N_local = 0, N_recv = 0, N_g = 0;
-    std::vector<int64_t> input_splits;     // (EP) rows sent to each EP rank
-    std::vector<int64_t> output_splits;    // (EP) rows received from each EP rank
-    std::vector<int64_t> etp_rows;         // (ETP) rows each ETP rank holds after the all-to-all
-    std::vector<int64_t> chunk_sizes;      // (ETP·EP·G) in [source][local expert] order
-    std::vector<int64_t> sort_order;       // → [local expert][source]
-    std::vector<int64_t> sorted_sizes;     // chunk sizes in [local expert][source] order
-    std::vector<int64_t> unsort_order;     // back to [source][local expert]
+    int64_t n_left = 0, n_right = 0;       // packed rows for the EP ranks below / above this one
+    std::vector<int64_t> local_counts;     // (E) = (EP·G) rows of chunk (j, g), expert-major
+    std::vector<int64_t> local_offsets;    // (E) their first expert-major row
+    std::vector<int64_t> packed_offsets;   // (E) their first row in the send buffer (other ranks' chunks)
+    std::vector<int64_t> recv_counts;      // (EP·G) rows EP rank j sends to my local expert g, at [j·G + g]
+    std::vector<int64_t> recv_offsets;     // (EP·G) their first row in [g][j] order
+    std::vector<int64_t> etp_rows;         // (ETP) rows each ETP rank holds after the EP exchange
+    std::vector<int64_t> etp_chunks;       // (ETP·G) after the ETP all-gather, [ETP rank][local expert]
+    std::vector<int64_t> sort_order;       // → [local expert][ETP rank]
+    std::vector<int64_t> sorted_chunks;    // chunk sizes in [local expert][ETP rank] order
+    std::vector<int64_t> unsort_order;     // back to [ETP rank][local expert]
   };
-  // Local permuted rows (N_loc, ...) → expert-major rows of the local experts (N_g, ...), and back.
-  Tensor forward_path(const State& st, const Tensor& local_rows);
-  Tensor reverse_path(const State& st, const Tensor& expert_rows);
+  // Token rows x (T, ...) → expert-major rows of the local experts (N_g, ...); expert rows → the
+  // expert-major local rows (N_loc, ...) for the unpermute. The optional probs ((T, E) → (N_g), and
+  // (N_g) → (N_loc)) travel in the same exchanges.
+  Tensor forward_path(const State& st, const Tensor& x, const Tensor* probs = nullptr, Tensor* out_probs = nullptr);
+  Tensor reverse_path(const State& st, const Tensor& expert_rows, const Tensor* expert_probs = nullptr,
+                      Tensor* out_probs = nullptr);
+  // Permutes x's routes into the packed send buffer (N_loc − own rows, ·) and this rank's own rows
+  // into their place in recv (N_recv, ·).
+  void scatter_tokens(const State& st, const Tensor& x, const Tensor* probs, Tensor& send, Tensor& recv,
+                      Tensor* send_probs, Tensor* recv_probs);
+  // MOE_SANITIZE: rows selected = sent, Σ sent = Σ received over EP, received = handed to the experts.
+  void check_conservation(const State& st, const Tensor& routing_map, const DispatchOutput& out);
+  // The EP exchange: packed send buffer → (N_recv, ·) [local expert][EP source]; and back into the
+  // expert-major (N_loc, ·), this rank's own rows copied.
+  void exchange(const State& st, bool to_experts, const Tensor& in, Tensor& out, const Tensor* in_probs,
+                Tensor* out_probs);
   std::shared_ptr<Communicator> ep_, etp_, etp_ep_;
   std::vector<int> ep_rank_of_, etp_rank_of_;
   int64_t E_, G_;
@@ -176,6 +218,22 @@ struct LocalPermutation {
   int64_t num_rows = 0;         // N = Σ counts
 };
 LocalPermutation make_local_permutation(const Tensor& routing_map);
+// The same with the counts left on the device (the host-sync-free path): offsets (E+1) i64 on the
+// map's device, rows bounded by T · min(routes_per_token, E) (routes_per_token 0: E).
+struct DevicePermutation {
+  Tensor row_offsets;    // (E+1) i64: exclusive prefix sum of the counts, N last
+  Tensor row_id_map;     // (T, E) i32
+  int64_t max_rows = 0;  // N_max
+  Tensor num_rows() const { return row_offsets.narrow(row_offsets.numel() - 1, 1); }  // (1) i64 view of N
+};
+DevicePermutation make_device_permutation(const Tensor& routing_map, int64_t routes_per_token);
+// What the local and allgather dispatchers share: the rows of x (T, H) and probs (T, E) for the
+// experts of routing_map (T, E), with host counts or (device_counts) device offsets and N_max rows.
+// Sets row_id_map (T, E), N (the rows) and num_rows ((1) i64 device view, device counts only).
+DispatchOutput permute_for_experts(const Tensor& x, const Tensor& probs, const Tensor& routing_map, bool device_counts,
+                                   int64_t routes_per_token, Tensor& row_id_map, int64_t& N, Tensor& num_rows);
+// out (N, H) = in (T, H) permuted by row_id_map; rows past num_rows untouched when it is defined.
+Tensor permute_rows(const Tensor& row_id_map, const Tensor& in, int64_t N, const Tensor& num_rows);
 
 // Helpers for moving rows: bytes of one row (dim 0) of t, and an empty tensor like t with `rows` rows.
 int64_t row_bytes(const Tensor& t);

@@ -1,16 +1,24 @@
-// All-to-all token dispatcher (docs/moe.md): all-to-all-v over EP, all-gather-v / reduce-scatter-v
-// over ETP, chunk sorting between [source][local expert] and [local expert][source].
+// All-to-all token dispatcher (docs/moe.md): an exchange over EP, all-gather-v / reduce-scatter-v
+// over ETP.
 //
-//   forward                                          backward (the mirror, splits swapped)
-//   x (T, H) ─ permute (all E) → (N_loc, H)           unpermute ← (N_loc, H) → dx (T, H)
-//   all-to-all-v over EP → (N_recv, H)                all-to-all-v back
+//   forward                                          backward (the mirror, directions swapped)
+//   x (T, H) ─ permute → send rows (N_loc − own, H)   unpermute ← (N_loc, H) → dx (T, H)
+//              and own rows in place in (N_recv, H)
+//   exchange over EP → (N_recv, H)                    exchange back over EP (+ copy of own rows)
 //   all-gather-v over ETP → (N_g, H)                  reduce-scatter-v over ETP (sums partials)
-//   sort chunks → [local expert][source]              inverse sort
+//   sort chunks → [local expert][source] (ETP > 1)    inverse sort
 //   ...experts (N_g rows)...                          ...experts backward...
-//   (combine: inverse sort; reduce-scatter-v over ETP; all-to-all-v back over EP; unpermute)
+//   (combine: inverse sort; reduce-scatter-v over ETP; exchange back over EP; unpermute)
 // A source is a (ETP rank, EP rank) pair, ordered ETP-major to match the all-gather over ETP.
+//
+// The EP exchange is one batch of point-to-point transfers, one per (EP rank, local expert) chunk
+// and one for its probs, each received straight into its place in [local expert][EP source] order,
+// so no chunk sort follows it. This rank's own rows are permuted straight into that order on the
+// way out and copied on the way back. Without ETP its output is the experts' input. Every row lands
+// where Megatron's all-to-all + sort_chunks_by_idxs puts it, so results are the same bits.
 #include <numeric>
 
+#include "core/sanitize.h"
 #include "device/ops.h"
 #include "moe/dispatcher.h"
 #include "moecore/comm.h"
@@ -36,44 +44,148 @@ AllToAllDispatcher::AllToAllDispatcher(std::shared_ptr<Communicator> ep, std::sh
   G_ = E_ / ep_->size();
 }
 
-Tensor AllToAllDispatcher::forward_path(const State& st, const Tensor& local) {
-  const int p = ep_->rank(), q = etp_->rank();
-  Tensor recv = rows_like(local, st.N_recv);  // (N_recv, ·)
-  ep_->all_to_all_v(local, st.input_splits, recv, st.output_splits);
-  const int64_t rb = row_bytes(local);
-  traffic_.bytes_sent += (st.N_local - st.input_splits[static_cast<size_t>(p)]) * rb;
-  traffic_.bytes_received += (st.N_recv - st.output_splits[static_cast<size_t>(p)]) * rb;
-  // (N_g, ·) in [source][local expert] order; without ETP the received rows are already all of them.
-  Tensor gathered = recv;
-  if (etp_->size() > 1) {
-    gathered = rows_like(local, st.N_g);
-    etp_->all_gather_v(recv, gathered, st.etp_rows);
+void AllToAllDispatcher::exchange(const State& st, bool to_experts, const Tensor& in, Tensor& out,
+                                  const Tensor* in_probs, Tensor* out_probs) {
+  const int P = ep_->size(), p = ep_->rank();
+  // Chunk c = j·G + g: on the local side the rows for local expert g of EP rank j (in the packed
+  // send buffer on the way out, in the expert-major rows on the way back), on the expert side the
+  // rows EP rank j sends to my local expert g. Sent from one side, received into the other.
+  const std::vector<int64_t>& local_off = to_experts ? st.packed_offsets : st.local_offsets;
+  const std::vector<int64_t>& src_off = to_experts ? local_off : st.recv_offsets;
+  const std::vector<int64_t>& src_n = to_experts ? st.local_counts : st.recv_counts;
+  const std::vector<int64_t>& dst_off = to_experts ? st.recv_offsets : local_off;
+  const std::vector<int64_t>& dst_n = to_experts ? st.recv_counts : st.local_counts;
+  const int64_t rb = row_bytes(in) + (in_probs ? row_bytes(*in_probs) : 0);
+  std::vector<P2POp> ops;
+  ops.reserve(static_cast<size_t>(4 * P * G_));
+  for (int j = 0; j < P; ++j) {
+    for (int64_t g = 0; g < G_; ++g) {
+      const size_t c = static_cast<size_t>(j * G_ + g);
+      if (j == p) {  // this rank's own rows: permuted into place on the way out, a copy on the way back
+        MOE_CHECK_CODE(src_n[c] == dst_n[c], ErrorCode::internal, "AllToAllDispatcher: EP rank ", p, " keeps ",
+                       st.local_counts[c], " rows of its local expert ", g, " but the count table says ",
+                       st.recv_counts[c]);
+        if (to_experts || src_n[c] == 0) continue;
+        Tensor d = out.narrow(dst_off[c], dst_n[c]);
+        d.copy_from(in.narrow(src_off[c], src_n[c]));
+        if (in_probs) {
+          Tensor dp = out_probs->narrow(dst_off[c], dst_n[c]);
+          dp.copy_from(in_probs->narrow(src_off[c], src_n[c]));
+        }
+        continue;
+      }
+      if (src_n[c] > 0) {
+        ops.push_back({P2POp::Kind::send, in.narrow(src_off[c], src_n[c]), j});
+        if (in_probs) ops.push_back({P2POp::Kind::send, in_probs->narrow(src_off[c], src_n[c]), j});
+        traffic_.bytes_sent += src_n[c] * rb;
+      }
+      if (dst_n[c] > 0) {
+        ops.push_back({P2POp::Kind::recv, out.narrow(dst_off[c], dst_n[c]), j});
+        if (out_probs) ops.push_back({P2POp::Kind::recv, out_probs->narrow(dst_off[c], dst_n[c]), j});
+        traffic_.bytes_received += dst_n[c] * rb;
+      }
+    }
   }
-  traffic_.bytes_sent += st.N_recv * rb * (etp_->size() - 1);
+  // Every rank takes part (a rank with nothing to move still keeps the call order of the others).
+  ep_->batch_send_recv(ops);
+  traffic_.calls += 1;
+}
+
+void AllToAllDispatcher::scatter_tokens(const State& st, const Tensor& x, const Tensor* probs, Tensor& send,
+                                        Tensor& recv, Tensor* send_probs, Tensor* recv_probs) {
+  const int64_t p = ep_->rank(), lo = p * G_, hi = lo + G_;
+  // One block of expert columns [c0, c0 + cols) of x's routes → `out` (its rows in the block's map).
+  auto block = [&](const Tensor& map, int64_t c0, int64_t cols, Tensor out, Tensor* out_p) {
+    if (out.size(0) == 0) return;
+    if (probs) {
+      Tensor pc = ops::gather_columns(*probs, c0, cols);  // (T, cols)
+      ops::permute(map, x, out, &pc, out_p);
+    } else {
+      ops::permute(map, x, out);
+    }
+  };
+  const int64_t n_left = st.n_left;
+  if (lo > 0) {
+    Tensor sp = probs ? send_probs->narrow(0, n_left) : Tensor{};
+    block(st.map_left, 0, lo, send.narrow(0, n_left), probs ? &sp : nullptr);
+  }
+  if (hi < E_) {
+    Tensor sp = probs ? send_probs->narrow(n_left, st.n_right) : Tensor{};
+    block(st.map_right, hi, E_ - hi, send.narrow(n_left, st.n_right), probs ? &sp : nullptr);
+  }
+  for (int64_t g = 0; g < G_; ++g) {
+    const size_t c = static_cast<size_t>(p * G_ + g);
+    Tensor rp = probs ? recv_probs->narrow(st.recv_offsets[c], st.recv_counts[c]) : Tensor{};
+    block(st.map_self[static_cast<size_t>(g)], lo + g, 1, recv.narrow(st.recv_offsets[c], st.recv_counts[c]),
+          probs ? &rp : nullptr);
+  }
+}
+
+Tensor AllToAllDispatcher::forward_path(const State& st, const Tensor& x, const Tensor* probs, Tensor* out_probs) {
+  const int q = etp_->rank(), Q = etp_->size();
+  // The rows for other EP ranks (packed, expert-major) and (N_recv, ·) in [local expert][EP source]
+  // order, this rank's own rows permuted straight into it; without ETP, all the experts' rows.
+  Tensor send = rows_like(x, st.n_left + st.n_right), recv = rows_like(x, st.N_recv);
+  Tensor send_probs, recv_probs;
+  if (probs) {
+    send_probs = Tensor::empty({st.n_left + st.n_right}, probs->dtype(), x.device());
+    recv_probs = Tensor::empty({st.N_recv}, probs->dtype(), x.device());
+  }
+  scatter_tokens(st, x, probs, send, recv, probs ? &send_probs : nullptr, probs ? &recv_probs : nullptr);
+  exchange(st, true, send, recv, probs ? &send_probs : nullptr, probs ? &recv_probs : nullptr);
+  if (Q == 1) {
+    if (out_probs) *out_probs = recv_probs;
+    return recv;
+  }
+  // All-gather over ETP: (N_g, ·) in [ETP rank][local expert][EP source] order, then sorted to
+  // [local expert][ETP rank][EP source].
+  const int64_t rb = row_bytes(x) + (probs ? row_bytes(recv_probs) : 0);
+  Tensor gathered = rows_like(x, st.N_g);
+  etp_->all_gather_v(recv, gathered, st.etp_rows);
+  Tensor gathered_probs;
+  if (probs) {
+    gathered_probs = rows_like(recv_probs, st.N_g);
+    etp_->all_gather_v(recv_probs, gathered_probs, st.etp_rows);
+  }
+  traffic_.bytes_sent += st.N_recv * rb * (Q - 1);
   traffic_.bytes_received += (st.N_g - st.etp_rows[static_cast<size_t>(q)]) * rb;
-  traffic_.calls += 2;
-  Tensor sorted = rows_like(local, st.N_g);  // (N_g, ·) in [local expert][source] order
-  ops::chunk_sort(st.chunk_sizes, st.sort_order, gathered, sorted);
+  traffic_.calls += 1;
+  Tensor sorted = rows_like(x, st.N_g);  // (N_g, ·) [local expert][source]
+  if (probs) {
+    *out_probs = rows_like(recv_probs, st.N_g);
+    ops::chunk_sort(st.etp_chunks, st.sort_order, gathered, sorted, &gathered_probs, out_probs);
+  } else {
+    ops::chunk_sort(st.etp_chunks, st.sort_order, gathered, sorted);
+  }
   return sorted;
 }
 
-Tensor AllToAllDispatcher::reverse_path(const State& st, const Tensor& expert_rows) {
-  const int p = ep_->rank(), q = etp_->rank();
-  Tensor unsorted = rows_like(expert_rows, st.N_g);  // (N_g, ·) [source][local expert]
-  ops::chunk_sort(st.sorted_sizes, st.unsort_order, expert_rows, unsorted);
-  Tensor mine = unsorted;  // (N_recv, ·), summed over ETP (without ETP, the rows themselves)
-  if (etp_->size() > 1) {
+Tensor AllToAllDispatcher::reverse_path(const State& st, const Tensor& expert_rows, const Tensor* expert_probs,
+                                        Tensor* out_probs) {
+  const int q = etp_->rank(), Q = etp_->size();
+  Tensor mine = expert_rows;  // (N_recv, ·) [local expert][EP source], summed over ETP
+  Tensor mine_probs = expert_probs ? *expert_probs : Tensor{};
+  if (Q > 1) {
+    const int64_t rb = row_bytes(expert_rows) + (expert_probs ? row_bytes(*expert_probs) : 0);
+    Tensor unsorted = rows_like(expert_rows, st.N_g);  // (N_g, ·) [ETP rank][local expert][EP source]
+    Tensor unsorted_probs = expert_probs ? rows_like(*expert_probs, st.N_g) : Tensor{};
+    if (expert_probs)
+      ops::chunk_sort(st.sorted_chunks, st.unsort_order, expert_rows, unsorted, expert_probs, &unsorted_probs);
+    else
+      ops::chunk_sort(st.sorted_chunks, st.unsort_order, expert_rows, unsorted);
     mine = rows_like(expert_rows, st.N_recv);
     etp_->reduce_scatter_v(unsorted, mine, st.etp_rows);
+    if (expert_probs) {
+      mine_probs = rows_like(*expert_probs, st.N_recv);
+      etp_->reduce_scatter_v(unsorted_probs, mine_probs, st.etp_rows);
+    }
+    traffic_.bytes_sent += (st.N_g - st.etp_rows[static_cast<size_t>(q)]) * rb;
+    traffic_.bytes_received += st.N_recv * rb * (Q - 1);
+    traffic_.calls += 1;
   }
-  const int64_t rb = row_bytes(expert_rows);
-  traffic_.bytes_sent += (st.N_g - st.etp_rows[static_cast<size_t>(q)]) * rb;
-  traffic_.bytes_received += st.N_recv * rb * (etp_->size() - 1);
-  Tensor back = rows_like(expert_rows, st.N_local);  // (N_loc, ·)
-  ep_->all_to_all_v(mine, st.output_splits, back, st.input_splits);
-  traffic_.bytes_sent += (st.N_recv - st.output_splits[static_cast<size_t>(p)]) * rb;
-  traffic_.bytes_received += (st.N_local - st.input_splits[static_cast<size_t>(p)]) * rb;
-  traffic_.calls += 2;
+  Tensor back = rows_like(expert_rows, st.N_local);  // (N_loc, ·) expert-major
+  if (expert_probs) *out_probs = rows_like(*expert_probs, st.N_local);
+  exchange(st, false, mine, back, expert_probs ? &mine_probs : nullptr, out_probs);
   return back;
 }
 
@@ -81,22 +193,58 @@ DispatchOutput AllToAllDispatcher::dispatch(const Tensor& x, const Tensor& probs
                                             int64_t key) {
   MOE_CHECK(routing_map.size(1) == E_, "AllToAllDispatcher: routing map has ", routing_map.size(1),
             " experts, expected ", E_);
-  const int64_t H = x.size(1), P = ep_->size(), Q = etp_->size(), M = P * Q;
+  const int64_t P = ep_->size(), Q = etp_->size(), M = P * Q;
   const int p = ep_->rank(), q = etp_->rank();
   State& st = states_.start(key);
 
-  // 1. Local permutation over all E experts: rows (N_loc, H) expert-major, so the rows for EP
-  //    rank j are one contiguous block.
+  // 1. Local permutation over all E experts: rows (N_loc, H) expert-major, so the rows for local
+  //    expert g of EP rank j are one contiguous chunk.
   LocalPermutation perm = make_local_permutation(routing_map);
   st.row_id_map = perm.row_id_map;
   st.N_local = perm.num_rows;
-  st.input_splits.assign(static_cast<size_t>(P), 0);
-  for (int64_t e = 0; e < E_; ++e) st.input_splits[static_cast<size_t>(e / G_)] += perm.counts[static_cast<size_t>(e)];
+  st.local_counts = perm.counts;
+  st.local_offsets.assign(static_cast<size_t>(E_), 0);
+  for (int64_t e = 1; e < E_; ++e)
+    st.local_offsets[static_cast<size_t>(e)] = st.local_offsets[static_cast<size_t>(e - 1)] + perm.counts[static_cast<size_t>(e - 1)];
+  // The send buffer packs the chunks of the other EP ranks, expert-major: experts below mine (the
+  // left block), then above (the right block). Row maps of each block, and of each of my experts
+  // (rows from 0 within its chunk), come from one permute_index with these offsets.
+  const int64_t lo = p * G_, hi = lo + G_;
+  const int64_t own_end = st.local_offsets[static_cast<size_t>(hi - 1)] + perm.counts[static_cast<size_t>(hi - 1)];
+  st.n_left = st.local_offsets[static_cast<size_t>(lo)];
+  st.n_right = st.N_local - own_end;
+  st.packed_offsets.assign(static_cast<size_t>(E_), 0);
+  std::vector<int64_t> block_offsets(static_cast<size_t>(E_), 0);  // (E) first row within its block
+  for (int64_t e = 0; e < E_; ++e) {
+    const size_t i = static_cast<size_t>(e);
+    if (e < lo) {
+      st.packed_offsets[i] = block_offsets[i] = st.local_offsets[i];
+    } else if (e >= hi) {
+      block_offsets[i] = st.local_offsets[i] - own_end;
+      st.packed_offsets[i] = st.n_left + block_offsets[i];
+    }
+  }
+  Tensor block_map = Tensor::empty(routing_map.shape(), DType::i32, routing_map.device());  // (T, E)
+  ops::permute_index(routing_map, block_offsets, block_map);
+  if (lo > 0) st.map_left = ops::gather_columns(block_map, 0, lo);
+  if (hi < E_) st.map_right = ops::gather_columns(block_map, hi, E_ - hi);
+  for (int64_t g = 0; g < G_; ++g) st.map_self.push_back(ops::gather_columns(block_map, lo + g, 1));
 
-  // 2. Counts of every (ETP, EP) source for every expert: C (M, E).
+  // 2. Counts of every (ETP, EP) source for every expert: C (M, E), gathered once per dispatch
+  //    (one round of point-to-point transfers: every member sends its counts to every other);
+  //    both directions of every exchange (forward and backward) follow from it.
   Tensor c_local = Tensor::from_vector(perm.counts, {1, E_});
   Tensor c_all = Tensor::empty({M, E_}, DType::i64);
-  etp_ep_->all_gather(c_local, c_all);
+  const int me = etp_ep_->rank();
+  std::vector<P2POp> count_ops;
+  for (int m = 0; m < static_cast<int>(M); ++m) {
+    if (m == me) continue;
+    count_ops.push_back({P2POp::Kind::send, c_local, m});
+    count_ops.push_back({P2POp::Kind::recv, c_all.narrow(m, 1), m});
+  }
+  Tensor c_mine = c_all.narrow(me, 1);
+  c_mine.copy_from(c_local);
+  etp_ep_->batch_send_recv(count_ops);
   std::vector<int64_t> C = c_all.to_vector<int64_t>();
   // R[s][g]: rows source s = q'·P + p' sends to my local expert g.
   std::vector<int64_t> R(static_cast<size_t>(M * G_), 0);
@@ -104,42 +252,65 @@ DispatchOutput AllToAllDispatcher::dispatch(const Tensor& x, const Tensor& probs
     int64_t s = static_cast<int64_t>(etp_rank_of_[static_cast<size_t>(m)]) * P + ep_rank_of_[static_cast<size_t>(m)];
     for (int64_t g = 0; g < G_; ++g) R[static_cast<size_t>(s * G_ + g)] = C[static_cast<size_t>(m * E_ + p * G_ + g)];
   }
-  st.output_splits.assign(static_cast<size_t>(P), 0);
+  // 3. Layouts. The EP exchange: chunk (EP rank j, g) of ETP rank q lands at [g][j]. After the
+  //    all-gather over ETP, chunk (q', g) (all EP sources) goes to [g][q'].
+  st.recv_counts.assign(static_cast<size_t>(P * G_), 0);
+  st.recv_offsets.assign(static_cast<size_t>(P * G_), 0);
   st.etp_rows.assign(static_cast<size_t>(Q), 0);
+  st.etp_chunks.assign(static_cast<size_t>(Q * G_), 0);
   for (int64_t qq = 0; qq < Q; ++qq)
     for (int64_t pp = 0; pp < P; ++pp)
       for (int64_t g = 0; g < G_; ++g) {
         int64_t n = R[static_cast<size_t>((qq * P + pp) * G_ + g)];
-        if (qq == q) st.output_splits[static_cast<size_t>(pp)] += n;
+        if (qq == q) st.recv_counts[static_cast<size_t>(pp * G_ + g)] = n;
         st.etp_rows[static_cast<size_t>(qq)] += n;
+        st.etp_chunks[static_cast<size_t>(qq * G_ + g)] += n;
       }
-  st.N_recv = sum(st.output_splits);
+  for (int64_t g = 0, row = 0; g < G_; ++g)
+    for (int64_t pp = 0; pp < P; ++pp) {
+      st.recv_offsets[static_cast<size_t>(pp * G_ + g)] = row;
+      row += st.recv_counts[static_cast<size_t>(pp * G_ + g)];
+    }
+  st.N_recv = sum(st.recv_counts);
   st.N_g = sum(st.etp_rows);
   MOE_CHECK_CODE(st.etp_rows[static_cast<size_t>(q)] == st.N_recv, ErrorCode::internal,
                  "AllToAllDispatcher: this rank receives ", st.N_recv, " rows over EP but the count table says ",
                  st.etp_rows[static_cast<size_t>(q)]);
-
-  // 3. Chunk orders: [source][local expert] ↔ [local expert][source].
-  st.chunk_sizes.assign(R.begin(), R.end());
-  for (int64_t g = 0; g < G_; ++g)
-    for (int64_t s = 0; s < M; ++s) {
-      st.sort_order.push_back(s * G_ + g);
-      st.sorted_sizes.push_back(R[static_cast<size_t>(s * G_ + g)]);
-    }
-  for (int64_t s = 0; s < M; ++s)
-    for (int64_t g = 0; g < G_; ++g) st.unsort_order.push_back(g * M + s);
+  if (Q > 1) {
+    for (int64_t g = 0; g < G_; ++g)
+      for (int64_t qq = 0; qq < Q; ++qq) {
+        st.sort_order.push_back(qq * G_ + g);
+        st.sorted_chunks.push_back(st.etp_chunks[static_cast<size_t>(qq * G_ + g)]);
+      }
+    for (int64_t qq = 0; qq < Q; ++qq)
+      for (int64_t g = 0; g < G_; ++g) st.unsort_order.push_back(g * Q + qq);
+  }
 
   // 4. Move the rows and their probs.
-  Tensor local_rows = Tensor::empty({st.N_local, H}, x.dtype(), x.device());    // (N_loc, H)
-  Tensor local_probs = Tensor::empty({st.N_local}, probs.dtype(), x.device());  // (N_loc)
-  ops::permute(st.row_id_map, x, local_rows, &probs, &local_probs);
   DispatchOutput out;
-  out.tokens = forward_path(st, local_rows);                                         // (N_g, H)
-  out.probs = forward_path(st, local_probs.view({st.N_local, 1})).view({st.N_g});    // (N_g)
+  out.tokens = forward_path(st, x, &probs, &out.probs);  // (N_g, H), (N_g)
   out.rows_per_expert.assign(static_cast<size_t>(G_), 0);
   for (int64_t s = 0; s < M; ++s)
     for (int64_t g = 0; g < G_; ++g) out.rows_per_expert[static_cast<size_t>(g)] += R[static_cast<size_t>(s * G_ + g)];
+  if (sanitize::enabled()) check_conservation(st, routing_map, out);
   return out;
+}
+
+// MOE_SANITIZE: count conservation. Routes selected here = rows sent (N_loc); Σ over the EP group of
+// rows sent = Σ of rows received (one all-reduce); rows received over ETP = Σ rows per local expert
+// = the rows handed to the experts.
+void AllToAllDispatcher::check_conservation(const State& st, const Tensor& routing_map, const DispatchOutput& out) {
+  const std::vector<int64_t> routed = ops::routing_counts(routing_map).to(Device::cpu()).to_vector<int64_t>();
+  const int64_t selected = std::accumulate(routed.begin(), routed.end(), int64_t(0));
+  const int64_t per_expert = std::accumulate(out.rows_per_expert.begin(), out.rows_per_expert.end(), int64_t(0));
+  Tensor sums = Tensor::from_vector(std::vector<int64_t>{st.N_local, st.N_recv}, {2});  // (2) i64: sent, received
+  ep_->all_reduce(sums);
+  const std::vector<int64_t> s = sums.to_vector<int64_t>();
+  MOE_CHECK_CODE(selected == st.N_local && s[0] == s[1] && per_expert == st.N_g && out.tokens.size(0) == st.N_g,
+                 ErrorCode::internal, "MOE_SANITIZE: AllToAllDispatcher lost or invented rows at ",
+                 sanitize::where_str(), ": routes selected here ", selected, ", rows sent ", st.N_local,
+                 "; over the EP group rows sent ", s[0], ", received ", s[1], "; rows per local expert sum to ",
+                 per_expert, ", rows handed to the experts ", out.tokens.size(0), " (expected ", st.N_g, ")");
 }
 
 Tensor AllToAllDispatcher::combine(const Tensor& y, int64_t key) {
@@ -152,17 +323,15 @@ Tensor AllToAllDispatcher::combine(const Tensor& y, int64_t key) {
 
 Tensor AllToAllDispatcher::combine_backward(const Tensor& dout, int64_t key) {
   const State& st = states_.find(key, "AllToAllDispatcher::combine_backward");
-  Tensor local = Tensor::empty({st.N_local, dout.size(1)}, dout.dtype(), dout.device());  // (N_loc, H)
-  ops::permute(st.row_id_map, dout, local);
-  return forward_path(st, local);  // (N_g, H)
+  return forward_path(st, dout);  // (N_g, H)
 }
 
 void AllToAllDispatcher::dispatch_backward(const Tensor& drows, const Tensor& drow_probs, Tensor& dx,
                                            Tensor& dprobs, int64_t key) {
   const State& st = states_.find(key, "AllToAllDispatcher::dispatch_backward");
-  Tensor local = reverse_path(st, drows);  // (N_loc, H)
+  Tensor local_dp;                                                 // (N_loc)
+  Tensor local = reverse_path(st, drows, &drow_probs, &local_dp);  // (N_loc, H)
   ops::unpermute(st.row_id_map, local, dx);
-  Tensor local_dp = reverse_path(st, drow_probs.view({st.N_g, 1})).view({st.N_local});  // (N_loc)
   ops::scatter_rows_to_map(st.row_id_map, local_dp, dprobs);
   states_.release(key);
 }

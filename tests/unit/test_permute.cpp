@@ -8,6 +8,7 @@
 #include <cstring>
 #include <numeric>
 #include <random>
+#include <set>
 
 #include "common/test_util.h"
 #include "device/ops.h"
@@ -123,6 +124,12 @@ TEST(Permute, RowsAndProbsMoveBitExactForEveryDtype) {
         p[0] = -0.0f;
         p[1] = std::nanf("7");
       }
+      if (dt == DType::bf16) {  // signalling NaN, -0, a subnormal: moved as bytes, never converted
+        bf16* p = x.data_as<bf16>();
+        p[0].bits = 0x7f81;
+        p[1].bits = 0x8000;
+        p[H + 2].bits = 0x0001;
+      }
       Tensor probs = randn({r.T, r.E}, pdt, 11);
       Tensor out = Tensor::empty({r.N(), H}, dt), out_probs = Tensor::empty({r.N()}, pdt);
       ops::permute(rid, x, out, &probs, &out_probs);
@@ -203,6 +210,65 @@ TEST(Unpermute, Bf16SumsRoundExactlyLikeFloatToBf16) {
                                                             << weighted;
       }
   }
+}
+
+TEST(Unpermute, Bf16FastPathMatchesTheScalarContractInEveryLane) {
+  // The vectorised bf16 sum (16 lanes, then a tail) against the scalar contract: the f32 sum in
+  // expert order rounded once by float_to_bf16. 1 to 7 copies per token, an expert with no rows,
+  // tokens with none (zeros), and lanes holding values the widening or the rounding could get
+  // wrong: signalling and quiet NaN payloads, ±Inf, -0, subnormals, rounding ties to even, sums
+  // that overflow. Also with 3 threads, bit for bit.
+  const int64_t H = 3 * 16 + 5;
+  Routing r = make_routing(64, 8, 7, 13, /*dead=*/6, /*empty_every=*/9);
+  ASSERT_EQ(r.counts[6], 0);
+  Tensor rid = row_id_map_of(r);
+  Tensor y = randn({r.N(), H}, DType::bf16, 24, 2.0);
+  bf16* yp = y.data_as<bf16>();
+  const uint16_t specials[] = {0x7f81, 0xffc3, 0x7f80, 0xff80, 0x8000, 0x0001, 0x8003, 0x7f7f, 0x3f80, 0x3b80};
+  for (int64_t row = 0; row < r.N(); ++row) {
+    // one special per row, in a lane that moves with the row (every block position and the tail)
+    yp[row * H + (row * 7) % H].bits = specials[row % 10];
+    // ties: 1 + 2^-8 and 1 + 3·2^-8 are halfway between two bf16 values (even goes down, odd up)
+    yp[row * H + (row * 5 + 3) % H].bits = (row % 2) ? 0x3b80 : 0x3c40;
+  }
+  auto reference = [&](int64_t t, int64_t h) {
+    float s = 0;
+    bool first = true;
+    for (int64_t e = 0; e < r.E; ++e) {
+      int32_t row = r.rid[static_cast<size_t>(t * r.E + e)];
+      if (row < 0) continue;
+      float v = bf16_to_float(yp[row * H + h]);
+      s = first ? v : s + v;
+      first = false;
+    }
+    return first ? uint16_t{0} : float_to_bf16(s).bits;
+  };
+  Tensor one = Tensor::empty({r.T, H}, DType::bf16), many = Tensor::empty({r.T, H}, DType::bf16);
+  ops::unpermute(rid, y, one);
+  with_threads(3, [&] { ops::unpermute(rid, y, many); });
+  EXPECT_TRUE(bit_equal(one, many));
+  const bf16* o = one.data_as<bf16>();
+  std::vector<int> copies(static_cast<size_t>(r.T), 0);
+  for (auto [t, e] : r.rows) ++copies[static_cast<size_t>(t)];
+  std::set<int> seen(copies.begin(), copies.end());
+  EXPECT_GE(seen.size(), 8u) << "want tokens with 0 and 1..7+ copies";
+  for (int64_t t = 0; t < r.T; ++t)
+    for (int64_t h = 0; h < H; ++h)
+      ASSERT_EQ(o[t * H + h].bits, reference(t, h))
+          << "token " << t << " (" << copies[static_cast<size_t>(t)] << " copies) column " << h;
+}
+
+TEST(Unpermute, Bf16CombineIsTheF32CombineRoundedOnce) {
+  // bf16 rows summed in f32 equal the f32 kernel on the widened rows, rounded to bf16 once.
+  Routing r = make_routing(300, 8, 2, 14, /*dead=*/2, /*empty_every=*/0, /*exact_k=*/true);
+  const int64_t H = 96;
+  Tensor rid = row_id_map_of(r);
+  Tensor yb = randn({r.N(), H}, DType::bf16, 25, 5.0);
+  Tensor yf = yb.to_dtype(DType::f32);
+  Tensor ob = Tensor::empty({r.T, H}, DType::bf16), of = Tensor::empty({r.T, H}, DType::f32);
+  ops::unpermute(rid, yb, ob);
+  ops::unpermute(rid, yf, of);
+  EXPECT_TRUE(bit_equal(ob, of.to_dtype(DType::bf16)));
 }
 
 TEST(Unpermute, ThreadCountDoesNotChangeTheSum) {

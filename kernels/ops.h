@@ -460,6 +460,60 @@ struct AttnBwdArgs {
 };
 
 // ---------------------------------------------------------------------------------------------
+// The host-sync-free layer path (docs/gpu.md): ops whose sizes live in device memory, so a layer
+// step never reads counts or losses on the host. Rows are allocated for an upper bound N_max; the
+// true count is on the device and rows past it are neither read nor written.
+//   grouped_gemm_dev: GroupedGemmArgs with m_g = row_offsets[g+1] − row_offsets[g] read from
+//                     device memory (base.rows_host unused, base.M = N_max ≥ row_offsets[G]).
+//   permute_dev:      permute into out (base.N = N_max rows) of which num_rows[0] are routed.
+//   act_fwd_dev / act_bwd_dev: the activation over the first num_rows[0] of base.rows rows.
+struct GroupedGemmDevArgs {
+  GroupedGemmArgs base;
+  const int64_t* row_offsets = nullptr;  // (G+1) i64 device: exclusive prefix sum, total last
+};
+struct PermuteDevArgs {
+  PermuteArgs base;
+  const int64_t* num_rows = nullptr;  // (1) i64 device
+};
+struct ActFwdDevArgs {
+  ActFwdArgs base;
+  const int64_t* num_rows = nullptr;  // (1) i64 device
+};
+struct ActBwdDevArgs {
+  ActBwdArgs base;
+  const int64_t* num_rows = nullptr;  // (1) i64 device
+};
+// row_offsets: offsets (G+1) i64 = [0, c_0, c_0 + c_1, ...] of counts (G) i64.
+struct RowOffsetsArgs {
+  int64_t G = 0;
+  const int64_t* counts = nullptr;  // (G) i64
+  int64_t* offsets = nullptr;       // (G+1) i64 out
+};
+// aux_loss_value: one load-balancing loss term from its statistics, on the device. With
+// global_acc: acc[e] += c[e] and c[e] = acc[e] / global_steps (the step's running mean). Then per
+// sequence b: r_b = E·Σ_e P_be·c_be / denom with denom = k·T_tot², value[0] += coeff·(Σ_b r_b / B),
+// weight_be = loss_scale·coeff·E / denom · c_be / B (0 when denom is 0). The same f64 operations,
+// in the same order, as the host formula they replace.
+struct AuxLossValueArgs {
+  int64_t B = 1, E = 0, k = 1;
+  double T_tot = 0.0, coeff = 0.0, loss_scale = 1.0, global_steps = 1.0;
+  const double* prob_sum = nullptr;  // (B, E) f64
+  const double* counts = nullptr;    // (B, E) f64 (integers, reduced over the group)
+  double* global_acc = nullptr;      // (E) f64 in/out, global_aux_loss only
+  double* weight = nullptr;          // (B, E) f64 out
+  double* value = nullptr;           // (1) f64, accumulated
+};
+// accumulate: y[i] += x[i] / divisor (f64 y: x f64 or i64 converted; i64 y: x i64, divisor 1);
+// scale_at: y[index] = y[index] · mul / div (f64). Small device-side bookkeeping of counts and losses.
+struct AccumulateArgs {
+  DType y_dtype = DType::f64, x_dtype = DType::f64;
+  int64_t n = 0, index = 0;
+  double divisor = 1.0, mul = 1.0;
+  const void* x = nullptr;  // (n)
+  void* y = nullptr;        // (n)
+};
+
+// ---------------------------------------------------------------------------------------------
 // One function per op. A null entry means the backend lacks the op (the wrapper says so).
 struct KernelTable {
   void (*gemm)(const GemmArgs&, const ExecCtx&) = nullptr;
@@ -500,6 +554,15 @@ struct KernelTable {
   void (*qkv)(const QkvArgs&, const ExecCtx&) = nullptr;
   void (*attn_fwd)(const AttnFwdArgs&, const ExecCtx&) = nullptr;
   void (*attn_bwd)(const AttnBwdArgs&, const ExecCtx&) = nullptr;
+  // the host-sync-free path
+  void (*grouped_gemm_dev)(const GroupedGemmDevArgs&, const ExecCtx&) = nullptr;
+  void (*permute_dev)(const PermuteDevArgs&, const ExecCtx&) = nullptr;
+  void (*act_fwd_dev)(const ActFwdDevArgs&, const ExecCtx&) = nullptr;
+  void (*act_bwd_dev)(const ActBwdDevArgs&, const ExecCtx&) = nullptr;
+  void (*row_offsets)(const RowOffsetsArgs&, const ExecCtx&) = nullptr;
+  void (*aux_loss_value)(const AuxLossValueArgs&, const ExecCtx&) = nullptr;
+  void (*accumulate)(const AccumulateArgs&, const ExecCtx&) = nullptr;
+  void (*scale_at)(const AccumulateArgs&, const ExecCtx&) = nullptr;
 };
 
 }  // namespace moe

@@ -35,6 +35,10 @@ class GroupedExperts {
 
   // x (N, H), rows (G) per local expert, probs (N) in the prob dtype → y (N, H).
   Tensor forward(const Tensor& x, const std::vector<int64_t>& rows, const Tensor& probs, ActivationStore& store);
+  // The host-sync-free form: row_offsets (G+1) i64 on the device (exclusive prefix sum of the rows
+  // per local expert, total N last) and x (N_max, H), probs (N_max) with N_max >= N rows; rows past
+  // N are neither read nor written (y's too), and the backward's dy, dx, dprobs have N_max rows.
+  Tensor forward(const Tensor& x, const Tensor& row_offsets, const Tensor& probs, ActivationStore& store);
   // dy (N, H) → dx (N, H) overwritten, dprobs (N) overwritten; fc1/fc2 grads accumulated.
   // dx may be dy itself (dy is read before dx is written). The backward of the forward that saved
   // into `store` (forwards with other stores may be pending at the same time).
@@ -54,9 +58,16 @@ class GroupedExperts {
   std::string prefix_;
   int64_t G_, F_;
   Parameter fc1_, fc2_;
-  // Row counts of each pending forward, by the store it saved into (backward(…, store) reads and
+  // Row groups of a forward: host counts, or device offsets (G+1) i64 with `rows` the row bound.
+  struct Rows {
+    std::vector<int64_t> host;
+    Tensor offsets;
+    int64_t rows = 0;  // N (host counts) or N_max (device offsets)
+  };
+  Tensor forward_rows(const Tensor& x, const Rows& rows, const Tensor& probs, ActivationStore& store);
+  // Row groups of each pending forward, by the store it saved into (backward(…, store) reads and
   // releases them).
-  std::map<const ActivationStore*, std::vector<int64_t>> rows_;
+  std::map<const ActivationStore*, Rows> rows_;
 };
 
 // What tells a dense MLP from the shared expert (as in Megatron, whose SharedExpertMLP is an MLP):

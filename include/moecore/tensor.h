@@ -125,4 +125,11 @@ class Tensor {
   DType dtype_ = DType::f32;
 };
 
+// Host reads of tensor data: every Tensor::to_vector / copy_to_host call (on any back end, the CPU
+// included), and every copy of a device tensor of another back end into a CPU tensor. Module code
+// that asks for tensor data on the host does so through these, and on a GPU each one is a
+// device→host synchronisation, so a CPU run shows how many syncs a GPU run makes: the host-sync-free
+// layer path makes none per step (docs/gpu.md). Process-wide, thread-safe, never reset.
+int64_t host_read_count();
+
 }  // namespace moe

@@ -1,11 +1,25 @@
 // The CPU backend's kernels: the readable references every other backend is tested against.
 #pragma once
+#include <string>
+#include <vector>
+
 #include "kernels/ops.h"
 
 namespace moe {
 
 const KernelTable& cpu_kernel_table();
-const char* cpu_blas_name();
+// gemm.cpp: the GEMM engine (kernels/cpu/gemm.cpp): "onednn", "openblas" or "eigen", chosen at
+// start-up by the CPU's features or by MOE_CPU_GEMM; cpu_gemm_set_engine forces one ("" = the
+// automatic choice; an unknown or unbuilt name throws). cpu_gemm_kernel names the engine and
+// kernel a dtype's GEMMs run on ("onednn(brg:avx512_core_amx_bf16)", "openblas(SkylakeX)");
+// cpu_gemm_info is build_info's line; cpu_gemm_generic_kernel is true (and says why and the fix)
+// when the engine in use runs a generic kernel on a CPU with AVX2 or AVX-512.
+const char* cpu_gemm_engine();
+std::vector<std::string> cpu_gemm_engines_built();  // the engines in this build, by name
+void cpu_gemm_set_engine(const std::string& name);
+std::string cpu_gemm_kernel(DType dt);
+std::string cpu_gemm_info();
+bool cpu_gemm_generic_kernel(std::string* why);
 void cpu_set_num_threads(int n);
 int cpu_num_threads();
 
@@ -55,5 +69,14 @@ void cpu_qkv(const QkvArgs&, const ExecCtx&);
 // attention.cpp
 void cpu_attn_fwd(const AttnFwdArgs&, const ExecCtx&);
 void cpu_attn_bwd(const AttnBwdArgs&, const ExecCtx&);
+// nosync.cpp (the host-sync-free path)
+void cpu_grouped_gemm_dev(const GroupedGemmDevArgs&, const ExecCtx&);
+void cpu_permute_dev(const PermuteDevArgs&, const ExecCtx&);
+void cpu_act_fwd_dev(const ActFwdDevArgs&, const ExecCtx&);
+void cpu_act_bwd_dev(const ActBwdDevArgs&, const ExecCtx&);
+void cpu_row_offsets(const RowOffsetsArgs&, const ExecCtx&);
+void cpu_aux_loss_value(const AuxLossValueArgs&, const ExecCtx&);
+void cpu_accumulate(const AccumulateArgs&, const ExecCtx&);
+void cpu_scale_at(const AccumulateArgs&, const ExecCtx&);
 
 }  // namespace moe

@@ -43,6 +43,14 @@ const KernelTable& cpu_kernel_table() {
     t.qkv = cpu_qkv;
     t.attn_fwd = cpu_attn_fwd;
     t.attn_bwd = cpu_attn_bwd;
+    t.grouped_gemm_dev = cpu_grouped_gemm_dev;
+    t.permute_dev = cpu_permute_dev;
+    t.act_fwd_dev = cpu_act_fwd_dev;
+    t.act_bwd_dev = cpu_act_bwd_dev;
+    t.row_offsets = cpu_row_offsets;
+    t.aux_loss_value = cpu_aux_loss_value;
+    t.accumulate = cpu_accumulate;
+    t.scale_at = cpu_scale_at;
     return t;
   }();
   return table;

@@ -81,9 +81,11 @@ struct alignas(sizeof(T) * VP) Pack {
 // element). out may be in when !glu (each element is read and written by the same thread).
 template <class T, class S, class Fn, int VP>
 __global__ void __launch_bounds__(kThreads)
-    act_fwd_kernel(const T* in, const S* __restrict__ row_scale, T* out, int64_t rows, int64_t F, bool glu) {
+    act_fwd_kernel(const T* in, const S* __restrict__ row_scale, T* out, int64_t rows, int64_t F, bool glu,
+                   const int64_t* __restrict__ num_rows) {
   using A = acc_t<T>;
   using P = Pack<T, VP>;
+  if (num_rows) rows = d_min(rows, num_rows[0]);  // the host-sync-free path: rows past the count are padding
   const int64_t per_row = F / VP, n = rows * per_row, in_w = glu ? 2 * F : F;
   const int64_t start = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (start >= n) return;
@@ -118,9 +120,10 @@ __global__ void __launch_bounds__(kThreads)
 template <class T, class S, class Fn, int VP>
 __global__ void __launch_bounds__(kRowsPerBlock * kWarp)
     act_bwd_kernel(const T* in, const S* __restrict__ row_scale, const T* __restrict__ dout, T* din,
-                   S* __restrict__ drow_scale, int64_t rows, int64_t F, bool glu) {
+                   S* __restrict__ drow_scale, int64_t rows, int64_t F, bool glu, const int64_t* __restrict__ num_rows) {
   using A = acc_t<T>;
   using P = Pack<T, VP>;
+  if (num_rows) rows = d_min(rows, num_rows[0]);  // the host-sync-free path: rows past the count are padding
   const int lane = threadIdx.x % kWarp;
   const int64_t r = blockIdx.x * int64_t(kRowsPerBlock) + threadIdx.x / kWarp;
   if (r >= rows) return;  // a whole warp leaves together
@@ -174,7 +177,9 @@ bool use_packs(int64_t F, std::initializer_list<const void*> ptrs) {
 
 }  // namespace
 
-void cuda_act_fwd(const ActFwdArgs& a, const ExecCtx& ctx) {
+namespace {
+// num_rows: (1) i64 device bound of the rows (act_fwd_dev), or null.
+void act_fwd_launch(const ActFwdArgs& a, const int64_t* num_rows, const ExecCtx& ctx) {
   DeviceGuard g(ctx);
   const char* op = "act_fwd";
   dispatch_float(a.dtype, op, [&](auto tag) {
@@ -189,7 +194,7 @@ void cuda_act_fwd(const ActFwdArgs& a, const ExecCtx& ctx) {
           const int64_t n = a.rows * (a.F / VP);
           act_fwd_kernel<T, S, Fn, VP><<<grid_for(n, kThreads), kThreads, 0, stream_of(ctx)>>>(
               static_cast<const T*>(a.in), static_cast<const S*>(a.row_scale), static_cast<T*>(a.out), a.rows, a.F,
-              a.glu);
+              a.glu, num_rows);
           MOE_CUDA_CHECK_LAUNCH("act_fwd_kernel");
         };
         if (use_packs<T>(a.F, {a.in, a.out}))
@@ -201,7 +206,7 @@ void cuda_act_fwd(const ActFwdArgs& a, const ExecCtx& ctx) {
   });
 }
 
-void cuda_act_bwd(const ActBwdArgs& a, const ExecCtx& ctx) {
+void act_bwd_launch(const ActBwdArgs& a, const int64_t* num_rows, const ExecCtx& ctx) {
   DeviceGuard g(ctx);
   const char* op = "act_bwd";
   dispatch_float(a.dtype, op, [&](auto tag) {
@@ -216,7 +221,7 @@ void cuda_act_bwd(const ActBwdArgs& a, const ExecCtx& ctx) {
           act_bwd_kernel<T, S, Fn, VP>
               <<<grid_rows(ceil_div(a.rows, kRowsPerBlock), op), kRowsPerBlock * kWarp, 0, stream_of(ctx)>>>(
                   static_cast<const T*>(a.in), static_cast<const S*>(a.row_scale), static_cast<const T*>(a.dout),
-                  static_cast<T*>(a.din), static_cast<S*>(a.drow_scale), a.rows, a.F, a.glu);
+                  static_cast<T*>(a.din), static_cast<S*>(a.drow_scale), a.rows, a.F, a.glu, num_rows);
           MOE_CUDA_CHECK_LAUNCH("act_bwd_kernel");
         };
         if (use_packs<T>(a.F, {a.in, a.dout, a.din}))
@@ -227,5 +232,12 @@ void cuda_act_bwd(const ActBwdArgs& a, const ExecCtx& ctx) {
     });
   });
 }
+
+}  // namespace
+
+void cuda_act_fwd(const ActFwdArgs& a, const ExecCtx& ctx) { act_fwd_launch(a, nullptr, ctx); }
+void cuda_act_bwd(const ActBwdArgs& a, const ExecCtx& ctx) { act_bwd_launch(a, nullptr, ctx); }
+void cuda_act_fwd_dev(const ActFwdDevArgs& d, const ExecCtx& ctx) { act_fwd_launch(d.base, d.num_rows, ctx); }
+void cuda_act_bwd_dev(const ActBwdDevArgs& d, const ExecCtx& ctx) { act_bwd_launch(d.base, d.num_rows, ctx); }
 
 }  // namespace moe

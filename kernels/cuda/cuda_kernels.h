@@ -28,6 +28,8 @@ void cuda_columns(const ColumnsArgs&, const ExecCtx&);
 // activation.cu
 void cuda_act_fwd(const ActFwdArgs&, const ExecCtx&);
 void cuda_act_bwd(const ActBwdArgs&, const ExecCtx&);
+void cuda_act_fwd_dev(const ActFwdDevArgs&, const ExecCtx&);
+void cuda_act_bwd_dev(const ActBwdDevArgs&, const ExecCtx&);
 // elementwise.cu
 void cuda_axpby(const ElementwiseArgs&, const ExecCtx&);
 void cuda_mul(const ElementwiseArgs&, const ExecCtx&);
@@ -52,5 +54,13 @@ void cuda_qkv(const QkvArgs&, const ExecCtx&);
 // attention.cu
 void cuda_attn_fwd(const AttnFwdArgs&, const ExecCtx&);
 void cuda_attn_bwd(const AttnBwdArgs&, const ExecCtx&);
+
+// nosync.cu (the host-sync-free path)
+void cuda_grouped_gemm_dev(const GroupedGemmDevArgs&, const ExecCtx&);
+void cuda_permute_dev(const PermuteDevArgs&, const ExecCtx&);
+void cuda_row_offsets(const RowOffsetsArgs&, const ExecCtx&);
+void cuda_aux_loss_value(const AuxLossValueArgs&, const ExecCtx&);
+void cuda_accumulate(const AccumulateArgs&, const ExecCtx&);
+void cuda_scale_at(const AccumulateArgs&, const ExecCtx&);
 
 }  // namespace moe

@@ -1,5 +1,6 @@
 #include "moecore/tensor.h"
 
+#include <atomic>
 #include <cstring>
 #include <memory>
 #include <sstream>
@@ -99,6 +100,13 @@ Tensor Tensor::narrow(int64_t start, int64_t length) const {
 }
 
 namespace {
+std::atomic<int64_t> g_host_reads{0};
+void count_host_read() { g_host_reads.fetch_add(1, std::memory_order_relaxed); }
+}  // namespace
+
+int64_t host_read_count() { return g_host_reads.load(std::memory_order_relaxed); }
+
+namespace {
 bool on_host(const Tensor& t) { return t.device().is_cpu() || t.memory_kind() == MemoryKind::pinned_host; }
 }  // namespace
 
@@ -118,6 +126,7 @@ void Tensor::copy_from(const Tensor& src) {
     std::memmove(data(), src.data(), bytes);
     return;
   }
+  if (device().is_cpu() && !src.device().is_cpu() && src.memory_kind() == MemoryKind::device) count_host_read();
   CopyKind kind = dh ? (sh ? CopyKind::host_to_host : CopyKind::device_to_host)
                      : (sh ? CopyKind::host_to_device : CopyKind::device_to_device);
   Device dev = device();
@@ -149,6 +158,7 @@ void Tensor::copy_from_host(const void* src, size_t bytes) {
 
 void Tensor::copy_to_host(void* dst, size_t bytes) const {
   MOE_CHECK(bytes == nbytes(), "Tensor::copy_to_host: expected ", nbytes(), " bytes for ", desc(), ", got ", bytes);
+  count_host_read();
   if (bytes == 0) return;
   if (device().is_cpu()) {
     std::memcpy(dst, data(), bytes);

@@ -37,6 +37,7 @@ void gemm(const Tensor& A, bool ta, const Tensor& B, bool tb, Tensor& C, double 
   a.alpha = alpha;
   a.beta = beta;
   need(table(A.device()).gemm, A.device(), op)(a, exec_ctx(A.device()));
+  sanitize::check_op(op, {{"C", &C}}, {{"A", &A}, {"B", &B}});
 }
 
 Tensor matmul(const Tensor& A, bool ta, const Tensor& B, bool tb) {
@@ -45,6 +46,22 @@ Tensor matmul(const Tensor& A, bool ta, const Tensor& B, bool tb) {
   Tensor C = Tensor::empty({ta ? A.size(1) : A.size(0), tb ? B.size(0) : B.size(1)}, A.dtype(), A.device());
   gemm(A, ta, B, tb, C, 1.0, 0.0);
   return C;
+}
+
+GroupedGemmArgs grouped_gemm_args(GroupedGemmMode mode, const Tensor& A, const Tensor& B, Tensor& C, int64_t G,
+                                  int64_t M, int64_t N, int64_t K, bool accumulate) {
+  GroupedGemmArgs a;
+  a.dtype = A.dtype();
+  a.mode = mode;
+  a.G = G;
+  a.M = M;
+  a.N = N;
+  a.K = K;
+  a.A = A.data();
+  a.B = B.data();
+  a.C = C.data();
+  a.accumulate = accumulate;
+  return a;
 }
 
 void grouped_gemm(GroupedGemmMode mode, const Tensor& A, const Tensor& B, Tensor& C,
@@ -86,20 +103,11 @@ void grouped_gemm(GroupedGemmMode mode, const Tensor& A, const Tensor& B, Tensor
       break;
   }
   if (rows_device) rows_device->check_shape({G}, "grouped_gemm: rows_device");
-  GroupedGemmArgs a;
-  a.dtype = A.dtype();
-  a.mode = mode;
-  a.G = G;
-  a.M = M;
-  a.N = N;
-  a.K = K;
+  GroupedGemmArgs a = grouped_gemm_args(mode, A, B, C, G, M, N, K, accumulate);
   a.rows_host = rows.data();
   a.rows_device = rows_device ? rows_device->data_as<int64_t>() : nullptr;
-  a.A = A.data();
-  a.B = B.data();
-  a.C = C.data();
-  a.accumulate = accumulate;
   need(table(A.device()).grouped_gemm, A.device(), op)(a, exec_ctx(A.device()));
+  sanitize::check_op(op, {{"C", &C}}, {{"A", &A}, {"B", &B}});
 }
 
 namespace {
@@ -150,6 +158,7 @@ void router_topk(const TopkSpec& s, const Tensor& logits, const Tensor* bias, Te
   a.routing_map = map.data_as<uint8_t>();
   a.topk_idx = idx.data_as<int32_t>();
   need(table(logits.device()).router_topk, logits.device(), op)(a, exec_ctx(logits.device()));
+  sanitize::check_op(op, {{"probs", &probs}}, {{"logits", &logits}});
 }
 
 void router_topk_bwd(const TopkSpec& s, const Tensor& logits, const Tensor& idx, const Tensor& map,
@@ -182,6 +191,7 @@ void router_topk_bwd(const TopkSpec& s, const Tensor& logits, const Tensor& idx,
   a.dlogits = dlogits.data();
   a.accumulate = accumulate;
   need(table(logits.device()).router_topk_bwd, logits.device(), op)(a, exec_ctx(logits.device()));
+  sanitize::check_op(op, {{"dlogits", &dlogits}}, {{"logits", &logits}, {"dprobs", &dprobs}});
 }
 
 void aux_stats(ScoreFunction score, int64_t k, int64_t num_seqs, const Tensor& logits, Tensor& prob_sum,
@@ -321,15 +331,16 @@ void permute_index(const Tensor& map, const std::vector<int64_t>& offsets, Tenso
   need(table(map.device()).permute_index, map.device(), op)(a, exec_ctx(map.device()));
 }
 
-void permute(const Tensor& rid, const Tensor& in, Tensor& out, const Tensor* probs, Tensor* out_probs) {
-  const char* op = "permute";
+PermuteArgs permute_args(const char* op, const Tensor& rid, const Tensor& in, Tensor& out, const Tensor* probs,
+                         Tensor* out_probs) {
+  const std::string o = op;
   need_2d(op, "row_id_map", rid);
-  rid.check_dtype(DType::i32, "permute: row_id_map");
+  rid.check_dtype(DType::i32, (o + ": row_id_map").c_str());
   need_2d(op, "in", in);
   need_2d(op, "out", out);
-  int64_t T = rid.size(0), E = rid.size(1), H = in.size(1), N = out.size(0);
-  in.check_shape({T, H}, "permute: in");
-  out.check_shape({N, H}, "permute: out");
+  const int64_t T = rid.size(0), E = rid.size(1), H = in.size(1), N = out.size(0);
+  in.check_shape({T, H}, (o + ": in").c_str());
+  out.check_shape({N, H}, (o + ": out").c_str());
   MOE_CHECK(in.dtype() == out.dtype(), op, ": in ", in.desc(), " and out ", out.desc(), " dtypes differ");
   MOE_CHECK((probs == nullptr) == (out_probs == nullptr), op, ": probs and out_probs go together");
   same_device(op, rid, {&in, &out, probs, out_probs});
@@ -343,14 +354,21 @@ void permute(const Tensor& rid, const Tensor& in, Tensor& out, const Tensor* pro
   a.in = in.data();
   a.out = out.data();
   if (probs) {
-    probs->check_shape({T, E}, "permute: probs");
-    out_probs->check_shape({N}, "permute: out_probs");
+    probs->check_shape({T, E}, (o + ": probs").c_str());
+    out_probs->check_shape({N}, (o + ": out_probs").c_str());
     MOE_CHECK(probs->dtype() == out_probs->dtype(), op, ": probs and out_probs dtypes differ");
     a.prob_dtype = probs->dtype();
     a.probs = probs->data();
     a.out_probs = out_probs->data();
   }
+  return a;
+}
+
+void permute(const Tensor& rid, const Tensor& in, Tensor& out, const Tensor* probs, Tensor* out_probs) {
+  const char* op = "permute";
+  PermuteArgs a = permute_args(op, rid, in, out, probs, out_probs);
   need(table(in.device()).permute, in.device(), op)(a, exec_ctx(in.device()));
+  sanitize::check_op(op, {{"out", &out}, {"out_probs", out_probs}}, {{"in", &in}, {"probs", probs}});
 }
 
 void unpermute(const Tensor& rid, const Tensor& in, Tensor& out, const Tensor* w) {
@@ -378,6 +396,7 @@ void unpermute(const Tensor& rid, const Tensor& in, Tensor& out, const Tensor* w
     a.row_weights = w->data();
   }
   need(table(in.device()).unpermute, in.device(), op)(a, exec_ctx(in.device()));
+  sanitize::check_op(op, {{"out", &out}}, {{"in", &in}, {"row_weights", w}});
 }
 
 void scatter_rows_to_map(const Tensor& rid, const Tensor& row_values, Tensor& probs_grad) {
@@ -468,16 +487,28 @@ Tensor columns_op(const Tensor& in, int64_t start, int64_t cols, bool scatter) {
 Tensor gather_columns(const Tensor& in, int64_t start, int64_t count) { return columns_op(in, start, count, false); }
 Tensor scatter_columns(const Tensor& in, int64_t start, int64_t total) { return columns_op(in, start, total, true); }
 
-void act_fwd(Activation act, bool glu, const Tensor& in, const Tensor* row_scale, Tensor& out) {
-  const char* op = "act_fwd";
+namespace {
+// (rows, F1) → F, checking the GLU width.
+int64_t act_width(const char* op, bool glu, const Tensor& in) {
   need_2d(op, "in", in);
   need_float(op, "in", in);
-  int64_t rows = in.size(0), F1 = in.size(1);
-  MOE_CHECK(!glu || F1 % 2 == 0, op, ": a GLU input needs an even width, got ", in.desc());
-  int64_t F = glu ? F1 / 2 : F1;
-  out.check_shape({rows, F}, "act_fwd: out");
-  MOE_CHECK(out.dtype() == in.dtype(), op, ": dtypes differ");
+  MOE_CHECK(!glu || in.size(1) % 2 == 0, op, ": a GLU input needs an even width, got ", in.desc());
+  return glu ? in.size(1) / 2 : in.size(1);
+}
+void need_rows(const char* op, const char* name, const Tensor* t, int64_t rows) {
+  if (!t) return;
+  MOE_CHECK(t->defined() && t->ndim() == 1 && t->size(0) == rows, op, ": '", name, "' must be (", rows, "), got ",
+            t->desc());
+}
+}  // namespace
+
+ActFwdArgs act_fwd_args(const char* op, Activation act, bool glu, const Tensor& in, const Tensor* row_scale,
+                        Tensor& out) {
+  const int64_t F = act_width(op, glu, in), rows = in.size(0);
+  out.check_shape({rows, F}, (std::string(op) + ": out").c_str());
+  MOE_CHECK(out.dtype() == in.dtype(), op, ": dtypes differ: in ", in.desc(), ", out ", out.desc());
   same_device(op, in, {&out, row_scale});
+  need_rows(op, "row_scale", row_scale, rows);
   ActFwdArgs a;
   a.dtype = in.dtype();
   a.act = act;
@@ -487,25 +518,32 @@ void act_fwd(Activation act, bool glu, const Tensor& in, const Tensor* row_scale
   a.in = in.data();
   a.out = out.data();
   if (row_scale) {
-    row_scale->check_shape({rows}, "act_fwd: row_scale");
     a.scale_dtype = row_scale->dtype();
     a.row_scale = row_scale->data();
   }
-  need(table(in.device()).act_fwd, in.device(), op)(a, exec_ctx(in.device()));
+  return a;
 }
 
-void act_bwd(Activation act, bool glu, const Tensor& in, const Tensor* row_scale, const Tensor& dout, Tensor& din,
-             Tensor* drow_scale) {
-  const char* op = "act_bwd";
-  need_2d(op, "in", in);
-  need_float(op, "in", in);
-  int64_t rows = in.size(0), F1 = in.size(1);
-  MOE_CHECK(!glu || F1 % 2 == 0, op, ": a GLU input needs an even width, got ", in.desc());
-  int64_t F = glu ? F1 / 2 : F1;
-  dout.check_shape({rows, F}, "act_bwd: dout");
-  din.check_shape(in.shape(), "act_bwd: din");
-  MOE_CHECK(dout.dtype() == in.dtype() && din.dtype() == in.dtype(), op, ": dtypes differ");
+void act_fwd(Activation act, bool glu, const Tensor& in, const Tensor* row_scale, Tensor& out) {
+  const char* op = "act_fwd";
+  ActFwdArgs a = act_fwd_args(op, act, glu, in, row_scale, out);
+  need(table(in.device()).act_fwd, in.device(), op)(a, exec_ctx(in.device()));
+  sanitize::check_op(op, {{"out", &out}}, {{"in", &in}, {"row_scale", row_scale}});
+}
+
+ActBwdArgs act_bwd_args(const char* op, Activation act, bool glu, const Tensor& in, const Tensor* row_scale,
+                        const Tensor& dout, Tensor& din, Tensor* drow_scale) {
+  const int64_t F = act_width(op, glu, in), rows = in.size(0);
+  const std::string o = op;
+  dout.check_shape({rows, F}, (o + ": dout").c_str());
+  din.check_shape(in.shape(), (o + ": din").c_str());
+  MOE_CHECK(dout.dtype() == in.dtype() && din.dtype() == in.dtype(), op, ": dtypes differ: in ", in.desc(), ", dout ",
+            dout.desc(), ", din ", din.desc());
   same_device(op, in, {&dout, &din, row_scale, drow_scale});
+  need_rows(op, "row_scale", row_scale, rows);
+  need_rows(op, "drow_scale", drow_scale, rows);
+  MOE_CHECK(!row_scale || !drow_scale || drow_scale->dtype() == row_scale->dtype(), op,
+            ": row_scale and drow_scale dtypes differ");
   ActBwdArgs a;
   a.dtype = in.dtype();
   a.act = act;
@@ -516,17 +554,22 @@ void act_bwd(Activation act, bool glu, const Tensor& in, const Tensor* row_scale
   a.dout = dout.data();
   a.din = din.data();
   if (row_scale) {
-    row_scale->check_shape({rows}, "act_bwd: row_scale");
     a.scale_dtype = row_scale->dtype();
     a.row_scale = row_scale->data();
   }
   if (drow_scale) {
-    drow_scale->check_shape({rows}, "act_bwd: drow_scale");
-    MOE_CHECK(!row_scale || drow_scale->dtype() == row_scale->dtype(), op, ": row_scale and drow_scale dtypes differ");
     a.scale_dtype = drow_scale->dtype();
     a.drow_scale = drow_scale->data();
   }
+  return a;
+}
+
+void act_bwd(Activation act, bool glu, const Tensor& in, const Tensor* row_scale, const Tensor& dout, Tensor& din,
+             Tensor* drow_scale) {
+  const char* op = "act_bwd";
+  ActBwdArgs a = act_bwd_args(op, act, glu, in, row_scale, dout, din, drow_scale);
   need(table(in.device()).act_bwd, in.device(), op)(a, exec_ctx(in.device()));
+  sanitize::check_op(op, {{"din", &din}, {"drow_scale", drow_scale}}, {{"in", &in}, {"dout", &dout}, {"row_scale", row_scale}});
 }
 
 namespace {
@@ -548,6 +591,7 @@ void axpby(double alpha, const Tensor& x, double beta, Tensor& y) {
   a.a = alpha;
   a.b = beta;
   need(table(x.device()).axpby, x.device(), "axpby")(a, exec_ctx(x.device()));
+  sanitize::check_op("axpby", {{"y", &y}}, {{"x", &x}});
 }
 
 void add_(Tensor& y, const Tensor& x) { axpby(1.0, x, 1.0, y); }
@@ -562,6 +606,7 @@ void mul(const Tensor& x, const Tensor& y, Tensor& out) {
   a.y = const_cast<void*>(y.data());
   a.out = out.data();
   need(table(x.device()).mul, x.device(), "mul")(a, exec_ctx(x.device()));
+  sanitize::check_op("mul", {{"out", &out}}, {{"x", &x}, {"y", &y}});
 }
 
 void sigmoid(const Tensor& x, Tensor& out) {
@@ -573,6 +618,7 @@ void sigmoid(const Tensor& x, Tensor& out) {
   a.x = x.data();
   a.out = out.data();
   need(table(x.device()).unary, x.device(), "sigmoid")(a, exec_ctx(x.device()));
+  sanitize::check_op("sigmoid", {{"out", &out}}, {{"x", &x}});
 }
 
 void sigmoid_bwd(const Tensor& dy, const Tensor& y, Tensor& dx) {
@@ -586,6 +632,7 @@ void sigmoid_bwd(const Tensor& dy, const Tensor& y, Tensor& dx) {
   a.y = const_cast<void*>(y.data());
   a.out = dx.data();
   need(table(dy.device()).unary, dy.device(), "sigmoid_bwd")(a, exec_ctx(dy.device()));
+  sanitize::check_op("sigmoid_bwd", {{"dx", &dx}}, {{"dy", &dy}, {"y", &y}});
 }
 
 void cast_into(const Tensor& x, Tensor& out) {
@@ -600,6 +647,7 @@ void cast_into(const Tensor& x, Tensor& out) {
   a.src = x.data();
   a.dst = out.data();
   need(table(x.device()).cast, x.device(), "cast")(a, exec_ctx(x.device()));
+  sanitize::check_op("cast", {{"out", &out}}, {{"x", &x}});
 }
 
 Tensor cast(const Tensor& x, DType dtype) {
@@ -626,6 +674,7 @@ void scale_rows(const Tensor& in, const Tensor& scale, Tensor& out, bool accumul
   a.out = out.data();
   a.accumulate = accumulate;
   need(table(in.device()).scale_rows, in.device(), op)(a, exec_ctx(in.device()));
+  sanitize::check_op(op, {{"out", &out}}, {{"in", &in}, {"scale", &scale}});
 }
 
 void row_dot(const Tensor& x, const Tensor& y, Tensor& out) {
@@ -645,6 +694,7 @@ void row_dot(const Tensor& x, const Tensor& y, Tensor& out) {
   a.b = y.data();
   a.out = out.data();
   need(table(x.device()).row_dot, x.device(), op)(a, exec_ctx(x.device()));
+  sanitize::check_op(op, {{"out", &out}}, {{"x", &x}, {"y", &y}});
 }
 
 void jitter(uint64_t key, double eps, Tensor& out) {
@@ -695,6 +745,7 @@ void adam(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, double lr, do
   a.weight_decay = weight_decay;
   a.step = step;
   need(table(param.device()).adam, param.device(), "adam")(a, exec_ctx(param.device()));
+  sanitize::check_op("adam", {{"param", &param}, {"m", &m}, {"v", &v}}, {{"grad", &grad}});
 }
 
 void sgd(Tensor& param, const Tensor& grad, Tensor* momentum_buf, double lr, double momentum, double weight_decay) {
@@ -717,6 +768,7 @@ void sgd(Tensor& param, const Tensor& grad, Tensor* momentum_buf, double lr, dou
   a.momentum = momentum;
   a.weight_decay = weight_decay;
   need(table(param.device()).sgd, param.device(), "sgd")(a, exec_ctx(param.device()));
+  sanitize::check_op("sgd", {{"param", &param}, {"momentum_buf", momentum_buf}}, {{"grad", &grad}});
 }
 
 }  // namespace moe::ops

@@ -116,6 +116,35 @@ void attention_bwd(double scale, const Tensor& q_pos, const Tensor& k_pos, const
                    const Tensor& v, const Tensor& o, const Tensor& lse, const Tensor& dout, Tensor& dq, Tensor& dk,
                    Tensor& dv);
 
+// ops_nosync.cpp: the host-sync-free layer path (kernels/ops.h has each op's contract). Sizes and
+// loss values stay in device tensors; nothing here reads on the host.
+// counts (G) i64 → offsets (G+1) i64 (exclusive prefix sum, total last).
+Tensor row_offsets(const Tensor& counts);
+// grouped_gemm with m_g from row_offsets (G+1) i64 on the device; A/C rows are a bound (N_max).
+void grouped_gemm_dev(GroupedGemmMode mode, const Tensor& A, const Tensor& B, Tensor& C, const Tensor& row_offsets,
+                      bool accumulate = false);
+// permute_index with the expert offsets (>= E) i64 in device memory.
+void permute_index_dev(const Tensor& routing_map, const Tensor& row_offsets, Tensor& row_id_map);
+// permute into out (N_max, H) of which num_rows (1) i64 are routed; the rest is left untouched.
+void permute_dev(const Tensor& row_id_map, const Tensor& in, Tensor& out, const Tensor* probs, Tensor* out_probs,
+                 const Tensor& num_rows);
+// act_fwd / act_bwd over the first num_rows (1) i64 of the rows; the rest is left untouched.
+void act_fwd_dev(Activation act, bool glu, const Tensor& in, const Tensor* row_scale, Tensor& out,
+                 const Tensor& num_rows);
+void act_bwd_dev(Activation act, bool glu, const Tensor& in, const Tensor* row_scale, const Tensor& dout, Tensor& din,
+                 Tensor* drow_scale, const Tensor& num_rows);
+// One aux loss term (spec: B, E, k, T_tot, coeff, loss_scale, global_steps) from prob_sum and the
+// reduced counts (B, E) f64: weight (B, E) f64,
+// value (1) f64 += the term; global_acc (E) f64 for global_aux_loss.
+void aux_loss_value(const AuxLossValueArgs& spec, const Tensor& prob_sum, const Tensor& counts, Tensor* global_acc,
+                    Tensor& weight, Tensor& value);
+// sum (1) f64 = Σ_t lse(l_t)², left on the device.
+void z_loss_sum(const Tensor& logits, Tensor& sum);
+// y += x / divisor (f64 y with f64 or i64 x; i64 y and x with divisor 1).
+void accumulate(Tensor& y, const Tensor& x, double divisor = 1.0);
+// y[index] = y[index] · mul / div (f64).
+void scale_at(Tensor& y, int64_t index, double mul, double div);
+
 // The dtype probabilities travel in next to rows of `dtype`: f64 with f64, else f32.
 inline DType prob_dtype_for(DType dtype) { return dtype == DType::f64 ? DType::f64 : DType::f32; }
 

@@ -3,6 +3,7 @@
 #pragma once
 #include <initializer_list>
 
+#include "core/sanitize.h"
 #include "kernels/ops.h"
 #include "moecore/backend.h"
 #include "moecore/tensor.h"
@@ -44,5 +45,19 @@ inline void need_2d(const char* op, const char* name, const Tensor& t) {
   need_defined(op, name, t);
   MOE_CHECK(t.ndim() == 2, op, ": '", name, "' must be 2-D, got ", t.desc());
 }
+
+// The checks and arguments of a permute (ops::permute and ops::permute_dev): row_id_map (T, E) i32,
+// in (T, H), out (N, H), optional probs (T, E) with out_probs (N). Defined in ops.cpp.
+PermuteArgs permute_args(const char* op, const Tensor& rid, const Tensor& in, Tensor& out, const Tensor* probs,
+                         Tensor* out_probs);
+// The checks and arguments of the activations (act_fwd / act_bwd and their _dev forms): in (rows, F1)
+// with F1 = 2F under a GLU, out / dout (rows, F), din like in, optional row_scale / drow_scale (rows).
+ActFwdArgs act_fwd_args(const char* op, Activation act, bool glu, const Tensor& in, const Tensor* row_scale,
+                        Tensor& out);
+ActBwdArgs act_bwd_args(const char* op, Activation act, bool glu, const Tensor& in, const Tensor* row_scale,
+                        const Tensor& dout, Tensor& din, Tensor* drow_scale);
+// The pointers and sizes of a grouped GEMM whose shapes were checked by the caller.
+GroupedGemmArgs grouped_gemm_args(GroupedGemmMode mode, const Tensor& A, const Tensor& B, Tensor& C, int64_t G,
+                                  int64_t M, int64_t N, int64_t K, bool accumulate);
 
 }  // namespace moe::ops

@@ -46,17 +46,19 @@ Tensor AllGatherDispatcher::scatter_rows(const State& st, const Tensor& global) 
 
 DispatchOutput AllGatherDispatcher::dispatch(const Tensor& x, const Tensor& probs, const Tensor& routing_map,
                                              int64_t key) {
-  const int64_t T = x.size(0), H = x.size(1);
+  const int64_t T = x.size(0);
   const int64_t E = routing_map.size(1);
   MOE_CHECK(first_ + G_ <= E, "AllGatherDispatcher: local experts [", first_, ", ", first_ + G_, ") exceed ", E,
             " experts");
   State& st = states_.start(key);
   st.E = E;
-  // Tokens per rank (ranks may hold different numbers, zero included).
-  Tensor t_local = Tensor::from_vector(std::vector<int64_t>{T}, {1});
-  Tensor t_all = Tensor::empty({group_->size()}, DType::i64);
+  // Tokens per rank (ranks may hold different numbers, zero included): shapes the host knows,
+  // exchanged in host tensors (CPU memory on every back end), so no device data is read.
+  Tensor t_local = Tensor::from_vector(std::vector<int64_t>{T}, {1});  // (1) i64 host
+  Tensor t_all = Tensor::empty({group_->size()}, DType::i64);          // (group) i64 host
   group_->all_gather(t_local, t_all);
-  st.rank_rows = t_all.to_vector<int64_t>();
+  const int64_t* rows = t_all.data_as<int64_t>();
+  st.rank_rows.assign(rows, rows + group_->size());
 
   Tensor xg = gather_rows(st, x);                     // (T_g, H)
   Tensor pg = gather_rows(st, probs);                 // (T_g, E)
@@ -64,15 +66,10 @@ DispatchOutput AllGatherDispatcher::dispatch(const Tensor& x, const Tensor& prob
   Tensor local_map = ops::gather_columns(mg, first_, G_);    // (T_g, G)
   Tensor local_probs = ops::gather_columns(pg, first_, G_);  // (T_g, G)
 
-  LocalPermutation p = make_local_permutation(local_map);
-  st.row_id_map = p.row_id_map;
-  st.N = p.num_rows;
-  DispatchOutput out;
-  out.tokens = Tensor::empty({st.N, H}, x.dtype(), x.device());   // (N, H)
-  out.probs = Tensor::empty({st.N}, probs.dtype(), x.device());   // (N)
-  ops::permute(st.row_id_map, xg, out.tokens, &local_probs, &out.probs);
-  out.rows_per_expert = std::move(p.counts);
-  return out;
+  // Rows (N, H), row probs (N); in the device-count mode the counts stay on the device: rows for
+  // N_max = T_g · min(k, G), offsets read by the experts.
+  return permute_for_experts(xg, local_probs, local_map, device_counts_, routes_per_token_, st.row_id_map, st.N,
+                             st.num_rows);
 }
 
 Tensor AllGatherDispatcher::combine(const Tensor& y, int64_t key) {
@@ -85,9 +82,7 @@ Tensor AllGatherDispatcher::combine(const Tensor& y, int64_t key) {
 Tensor AllGatherDispatcher::combine_backward(const Tensor& dout, int64_t key) {
   const State& st = states_.find(key, "AllGatherDispatcher::combine_backward");
   Tensor dg = gather_rows(st, dout);                                          // (T_g, H)
-  Tensor dy = Tensor::empty({st.N, dout.size(1)}, dout.dtype(), dout.device());  // (N, H)
-  ops::permute(st.row_id_map, dg, dy);
-  return dy;
+  return permute_rows(st.row_id_map, dg, st.N, st.num_rows);  // (N, H)
 }
 
 void AllGatherDispatcher::dispatch_backward(const Tensor& drows, const Tensor& drow_probs, Tensor& dx,

@@ -1,3 +1,5 @@
+#include <algorithm>
+
 #include "device/ops.h"
 #include "moe/dispatcher.h"
 
@@ -17,6 +19,50 @@ LocalPermutation make_local_permutation(const Tensor& routing_map) {
   return p;
 }
 
+DevicePermutation make_device_permutation(const Tensor& routing_map, int64_t routes_per_token) {
+  const int64_t T = routing_map.size(0), E = routing_map.size(1);
+  DevicePermutation p;
+  p.row_offsets = ops::row_offsets(ops::routing_counts(routing_map));  // (E+1) i64
+  p.max_rows = T * (routes_per_token > 0 ? std::min(routes_per_token, E) : E);
+  p.row_id_map = Tensor::empty(routing_map.shape(), DType::i32, routing_map.device());  // (T, E) i32
+  ops::permute_index_dev(routing_map, p.row_offsets, p.row_id_map);
+  return p;
+}
+
+DispatchOutput permute_for_experts(const Tensor& x, const Tensor& probs, const Tensor& routing_map, bool device_counts,
+                                   int64_t routes_per_token, Tensor& row_id_map, int64_t& N, Tensor& num_rows) {
+  DispatchOutput out;
+  if (device_counts) {  // the counts stay on the device: N_max rows, offsets for the experts
+    DevicePermutation p = make_device_permutation(routing_map, routes_per_token);
+    row_id_map = p.row_id_map;
+    N = p.max_rows;
+    num_rows = p.num_rows();
+    out.row_offsets = p.row_offsets;
+  } else {
+    LocalPermutation p = make_local_permutation(routing_map);
+    row_id_map = p.row_id_map;
+    N = p.num_rows;
+    num_rows = Tensor();
+    out.rows_per_expert = std::move(p.counts);
+  }
+  out.tokens = Tensor::empty({N, x.size(1)}, x.dtype(), x.device());  // (N, H)
+  out.probs = Tensor::empty({N}, probs.dtype(), x.device());          // (N)
+  if (device_counts)
+    ops::permute_dev(row_id_map, x, out.tokens, &probs, &out.probs, num_rows);
+  else
+    ops::permute(row_id_map, x, out.tokens, &probs, &out.probs);
+  return out;
+}
+
+Tensor permute_rows(const Tensor& row_id_map, const Tensor& in, int64_t N, const Tensor& num_rows) {
+  Tensor out = Tensor::empty({N, in.size(1)}, in.dtype(), in.device());  // (N, H)
+  if (num_rows.defined())
+    ops::permute_dev(row_id_map, in, out, nullptr, nullptr, num_rows);
+  else
+    ops::permute(row_id_map, in, out);
+  return out;
+}
+
 int64_t row_bytes(const Tensor& t) {
   int64_t per = 1;
   for (int64_t d = 1; d < t.ndim(); ++d) per *= t.size(d);
@@ -29,17 +75,12 @@ Tensor rows_like(const Tensor& t, int64_t rows) {
   return Tensor::empty(s, t.dtype(), t.device());
 }
 
+// In the device-count mode the counts stay on the device: rows are allocated for N_max = T · min(k,
+// E) and the experts read their row offsets from device memory (docs/gpu.md).
 DispatchOutput LocalDispatcher::dispatch(const Tensor& x, const Tensor& probs, const Tensor& routing_map, int64_t key) {
-  LocalPermutation p = make_local_permutation(routing_map);
   State& st = states_.start(key);
-  st.row_id_map = p.row_id_map;
-  st.N = p.num_rows;
-  DispatchOutput out;
-  out.tokens = Tensor::empty({st.N, x.size(1)}, x.dtype(), x.device());  // (N, H)
-  out.probs = Tensor::empty({st.N}, probs.dtype(), x.device());          // (N)
-  ops::permute(st.row_id_map, x, out.tokens, &probs, &out.probs);
-  out.rows_per_expert = std::move(p.counts);
-  return out;
+  return permute_for_experts(x, probs, routing_map, device_counts_, routes_per_token_, st.row_id_map, st.N,
+                             st.num_rows);
 }
 
 Tensor LocalDispatcher::combine(const Tensor& y, int64_t key) {
@@ -51,9 +92,7 @@ Tensor LocalDispatcher::combine(const Tensor& y, int64_t key) {
 
 Tensor LocalDispatcher::combine_backward(const Tensor& dout, int64_t key) {
   const State& st = states_.find(key, "LocalDispatcher::combine_backward");
-  Tensor dy = Tensor::empty({st.N, dout.size(1)}, dout.dtype(), dout.device());  // (N, H)
-  ops::permute(st.row_id_map, dout, dy);
-  return dy;
+  return permute_rows(st.row_id_map, dout, st.N, st.num_rows);  // (N, H)
 }
 
 void LocalDispatcher::dispatch_backward(const Tensor& grad_rows, const Tensor& grad_row_probs, Tensor& grad_x,

@@ -57,13 +57,25 @@ GroupedExperts::GroupedExperts(const MoEConfig& config, Device device, ExpertsSh
                         device, config.seed, config.init_method_std, GradGroup::expert);
 }
 
+namespace {
+// The grouped GEMM and the activation over host counts or device offsets (the host-sync-free path).
+template <class Rows>
+void group_gemm(GroupedGemmMode mode, const Tensor& A, const Tensor& B, Tensor& C, const Rows& r,
+                bool accumulate = false) {
+  if (r.offsets.defined())
+    ops::grouped_gemm_dev(mode, A, B, C, r.offsets, accumulate);
+  else
+    ops::grouped_gemm(mode, A, B, C, r.host, accumulate);
+}
+template <class Rows>
+Tensor total_rows(const Rows& r) {  // (1) i64 device view of N
+  return r.offsets.narrow(r.offsets.numel() - 1, 1);
+}
+}  // namespace
+
 Tensor GroupedExperts::forward(const Tensor& x, const std::vector<int64_t>& rows, const Tensor& probs,
                                ActivationStore& store) {
   const char* who = "GroupedExperts::forward";
-  const int64_t H = config_.hidden_size;
-  const DType dt = fc1_.value.dtype(), pdt = ops::prob_dtype_for(dt);
-  const bool glu = config_.gated_linear_unit;
-  const Activation act = activation_from_config(config_, who);
   MOE_CHECK(static_cast<int64_t>(rows.size()) == G_, who, ": expected row counts for ", G_, " local experts, got ",
             rows.size());
   int64_t N = 0;
@@ -71,8 +83,30 @@ Tensor GroupedExperts::forward(const Tensor& x, const std::vector<int64_t>& rows
     MOE_CHECK(rows[g] >= 0, who, ": local expert ", g, " has a negative row count ", rows[g]);
     N += rows[g];
   }
+  const int64_t H = config_.hidden_size;
   MOE_CHECK(x.defined() && x.ndim() == 2 && x.size(1) == H, who, ": x must be (N, H=", H, "), got ", x.desc());
   MOE_CHECK(x.size(0) == N, who, ": x has ", x.size(0), " rows but the expert row counts sum to ", N);
+  return forward_rows(x, Rows{rows, Tensor(), N}, probs, store);
+}
+
+Tensor GroupedExperts::forward(const Tensor& x, const Tensor& row_offsets, const Tensor& probs,
+                               ActivationStore& store) {
+  const char* who = "GroupedExperts::forward";
+  MOE_CHECK(row_offsets.defined() && row_offsets.dtype() == DType::i64 && row_offsets.ndim() == 1 &&
+                row_offsets.numel() == G_ + 1 && row_offsets.device() == device_,
+            who, ": row_offsets must be (G+1=", G_ + 1, ") i64 on ", device_.str(), ", got ",
+            row_offsets.defined() ? row_offsets.desc() : std::string("an undefined tensor"));
+  const int64_t H = config_.hidden_size;
+  MOE_CHECK(x.defined() && x.ndim() == 2 && x.size(1) == H, who, ": x must be (N_max, H=", H, "), got ", x.desc());
+  return forward_rows(x, Rows{{}, row_offsets, x.size(0)}, probs, store);
+}
+
+Tensor GroupedExperts::forward_rows(const Tensor& x, const Rows& rows, const Tensor& probs, ActivationStore& store) {
+  const char* who = "GroupedExperts::forward";
+  const int64_t H = config_.hidden_size, N = rows.rows;
+  const DType dt = fc1_.value.dtype(), pdt = ops::prob_dtype_for(dt);
+  const bool glu = config_.gated_linear_unit;
+  const Activation act = activation_from_config(config_, who);
   x.check_dtype(dt, "GroupedExperts::forward: x");
   probs.check_shape({N}, "GroupedExperts::forward: probs");
   probs.check_dtype(pdt, "GroupedExperts::forward: probs");
@@ -82,25 +116,28 @@ Tensor GroupedExperts::forward(const Tensor& x, const std::vector<int64_t>& rows
 
   const std::string s_x = prefix_ + "fc1_input", s_p = prefix_ + "probs", s_h = prefix_ + "fc1_output",
                     s_a = prefix_ + "act_output";
-  auto fc1 = [this, dt](const Tensor& in, const std::vector<int64_t>& r) {
+  auto fc1 = [this, dt](const Tensor& in, const Rows& r) {
     Tensor h = Tensor::empty({in.size(0), fc1_.value.size(1)}, dt, device_);  // (N, F1)
-    ops::grouped_gemm(GroupedGemmMode::fwd, in, fc1_.value, h, r);
+    group_gemm(GroupedGemmMode::fwd, in, fc1_.value, h, r);
     return h;
   };
-  auto act_fwd = [this, dt, glu, act](const Tensor& h, const Tensor& p) {
+  auto act_fwd = [this, dt, glu, act, rows](const Tensor& h, const Tensor& p) {
     Tensor a = Tensor::empty({h.size(0), F_}, dt, device_);  // (N, F)
-    ops::act_fwd(act, glu, h, &p, a);
+    if (rows.offsets.defined())
+      ops::act_fwd_dev(act, glu, h, &p, a, total_rows(rows));
+    else
+      ops::act_fwd(act, glu, h, &p, a);
     return a;
   };
 
-  Tensor h = fc1(x, rows);    // (N, F1)
+  Tensor h = fc1(x, rows);       // (N, F1)
   Tensor a = act_fwd(h, probs);  // (N, F)
   Tensor y = Tensor::empty({N, H}, dt, device_);  // (N, H)
-  ops::grouped_gemm(GroupedGemmMode::fwd, a, fc2_.value, y, rows);
+  group_gemm(GroupedGemmMode::fwd, a, fc2_.value, y, rows);
 
   store.save(s_x, x);
   store.save(s_p, probs);
-  store.save(s_h, h, [fc1, &store, s_x, r = rows] { return fc1(store.get(s_x), r); });
+  store.save(s_h, h, [fc1, &store, s_x, rows] { return fc1(store.get(s_x), rows); });
   store.save(s_a, a, [act_fwd, &store, s_h, s_p] { return act_fwd(store.get(s_h), store.get(s_p)); });
   return y;
 }
@@ -116,9 +153,8 @@ void GroupedExperts::backward(const Tensor& dy, Tensor& dx, Tensor& dprobs, Acti
   const Activation act = activation_from_config(config_, who);
   auto rit = rows_.find(&store);
   MOE_CHECK(rit != rows_.end(), who, ": no pending forward with this store (backward called twice?)");
-  const std::vector<int64_t> rows = rit->second;  // released at the end (a failed check leaves it pending)
-  int64_t N = 0;
-  for (int64_t r : rows) N += r;
+  const Rows rows = rit->second;  // released at the end (a failed check leaves it pending)
+  const int64_t N = rows.rows;
   dy.check_shape({N, H}, "GroupedExperts::backward: dy");
   dy.check_dtype(dt, "GroupedExperts::backward: dy");
   if (!dx.defined()) dx = Tensor::empty({N, H}, dt, device_);
@@ -137,15 +173,18 @@ void GroupedExperts::backward(const Tensor& dy, Tensor& dx, Tensor& dprobs, Acti
   // fc2: dW2 += dyᵀ a, da = dy · W2
   store.prefetch(s_h);
   Tensor da = store.get(s_a);                           // a (N, F), then da
-  ops::grouped_gemm(GroupedGemmMode::wgrad, dy, da, fc2_.grad, rows, /*accumulate=*/true);
+  group_gemm(GroupedGemmMode::wgrad, dy, da, fc2_.grad, rows, /*accumulate=*/true);
   store.drop(s_a);
-  ops::grouped_gemm(GroupedGemmMode::dgrad, dy, fc2_.value, da, rows);
+  group_gemm(GroupedGemmMode::dgrad, dy, fc2_.value, da, rows);
 
   // activation × prob: dh, dprobs
   Tensor h = store.get(s_h);                            // (N, F1)
   Tensor p = store.get(s_p);                            // (N)
   Tensor dh = h;                                        // (N, F1), in place
-  ops::act_bwd(act, glu, h, &p, da, dh, &dprobs);
+  if (rows.offsets.defined())
+    ops::act_bwd_dev(act, glu, h, &p, da, dh, &dprobs, total_rows(rows));
+  else
+    ops::act_bwd(act, glu, h, &p, da, dh, &dprobs);
   store.drop(s_h);
   store.drop(s_p);
   h = Tensor();
@@ -153,8 +192,8 @@ void GroupedExperts::backward(const Tensor& dy, Tensor& dx, Tensor& dprobs, Acti
 
   // fc1: dW1 += dhᵀ x, dx = dh · W1
   Tensor x = store.get(s_x);                            // (N, H)
-  ops::grouped_gemm(GroupedGemmMode::wgrad, dh, x, fc1_.grad, rows, /*accumulate=*/true);
-  ops::grouped_gemm(GroupedGemmMode::dgrad, dh, fc1_.value, dx, rows);
+  group_gemm(GroupedGemmMode::wgrad, dh, x, fc1_.grad, rows, /*accumulate=*/true);
+  group_gemm(GroupedGemmMode::dgrad, dh, fc1_.value, dx, rows);
   store.drop(s_x);
   rows_.erase(&store);
 }

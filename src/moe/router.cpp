@@ -52,17 +52,17 @@ DType router_dtype_of(const MoEConfig& c, DType params) {
 
 int group_size(const std::shared_ptr<Communicator>& g) { return g ? g->size() : 1; }
 
+// In-place sum over a group of a device tensor (skipped for a group of one).
+void all_reduce_device(const std::shared_ptr<Communicator>& g, Tensor& t) {
+  if (g && g->size() > 1) g->all_reduce(t, ReduceOp::sum);
+}
+
 // In-place sum over a group of a small host vector (skipped for a group of one).
 void all_reduce_host(const std::shared_ptr<Communicator>& g, std::vector<double>& v) {
   if (!g || g->size() == 1 || v.empty()) return;
   Tensor t = Tensor::from_vector(v, {static_cast<int64_t>(v.size())});
   g->all_reduce(t, ReduceOp::sum);
   v = t.to_vector<double>();
-}
-
-std::vector<double> counts_to_f64(const Tensor& counts) {
-  std::vector<int64_t> c = counts.to_vector<int64_t>();
-  return std::vector<double>(c.begin(), c.end());
 }
 
 // logits (T, E) router dtype = cast(x (T, H)) · cast(W (E, H))ᵀ.
@@ -88,6 +88,15 @@ struct Router::Pending {
   std::vector<AuxGrad> aux;
   bool z = false;
   double z_coef = 0.0;  // loss_scale · coeff / (n · T)
+  Tensor losses;  // (2) f64 on the router's device: aux, z as reported (RouterOutput::losses)
+};
+
+// `moe` recompute: the first forward's gradient weights and loss values (E-sized device tensors).
+struct Router::Replay {
+  std::vector<Pending::AuxGrad> aux;
+  bool z = false;
+  double z_coef = 0.0;
+  Tensor losses;  // (2) f64
 };
 
 Router::Router(const MoEConfig& config, Device device, RouterGroups groups, int64_t layer_number,
@@ -134,17 +143,27 @@ Router::Router(const MoEConfig& config, Device device, RouterGroups groups, int6
   if (c.moe_router_enable_expert_bias) {
     expert_bias_ = make_parameter(param_prefix + "router.expert_bias", {E}, {}, DType::f32, device_, c.seed, 0.0, GradGroup::router,
                                   /*trainable=*/false);
-    local_tokens_per_expert_.assign(static_cast<size_t>(E), 0.0);
+    local_tokens_per_expert_ = Tensor::zeros({E}, DType::f64, device_);
   } else {
     expert_bias_.name = param_prefix + "router.expert_bias";
     expert_bias_.canonical_shape = {E};
     expert_bias_.grad_group = GradGroup::router;
     expert_bias_.trainable = false;
   }
-  global_tokens_per_expert_.assign(static_cast<size_t>(E), 0.0);
+  global_tokens_per_expert_ = Tensor::zeros({E}, DType::f64, device_);
 }
 
-RouterOutput Router::forward(const Tensor& x, const ForwardContext& ctx, ActivationStore& store) {
+RouterOutput Router::forward(const Tensor& x, const ForwardContext& ctx, ActivationStore& store, bool recompute) {
+  RouterOutput out = forward_on_device(x, ctx, store, recompute);
+  out.tokens_per_expert = out.counts.to_vector<int64_t>();
+  const std::vector<double> losses = out.losses.to_vector<double>();
+  out.aux_loss = losses[0];
+  out.z_loss = losses[1];
+  return out;
+}
+
+RouterOutput Router::forward_on_device(const Tensor& x, const ForwardContext& ctx, ActivationStore& store,
+                                       bool recompute) {
   const MoEConfig& c = config_;
   const int64_t E = c.num_moe_experts, H = c.hidden_size, k = c.moe_router_topk;
   const DType pd = weight_.value.dtype(), rd = router_dtype_;
@@ -153,6 +172,13 @@ RouterOutput Router::forward(const Tensor& x, const ForwardContext& ctx, Activat
   MOE_CHECK(x.dtype() == pd, "Router::forward: x must have the params dtype ", dtype_name(pd), ", got ", x.desc());
   MOE_CHECK(x.device() == device_, "Router::forward: x must be on ", device_.str(), ", got ", x.desc());
   const int64_t T = x.size(0);
+  std::shared_ptr<Replay> replay;
+  if (recompute) {
+    auto rit = replay_.find(&store);
+    MOE_CHECK(rit != replay_.end(), "Router::forward(recompute): no first forward kept for recompute with this store ",
+              "(call keep_for_recompute after the first forward)");
+    replay = rit->second;
+  }
   auto p = std::make_shared<Pending>();
   p->T = T;
 
@@ -169,7 +195,7 @@ RouterOutput Router::forward(const Tensor& x, const ForwardContext& ctx, Activat
 
   // 2. logits (T, E) in the router dtype.
   Tensor logits = compute_logits(xj, weight_.value, rd);
-  store.save(kInputSlot, xj);
+  store.save(kInputSlot, xj, {}, xj.shares_storage_with(x) ? SaveOwner::caller : SaveOwner::store);
   store.save(kLogitsSlot, logits, [st = &store, w = weight_.value, rd] { return compute_logits(st->get(kInputSlot), w, rd); });
 
   // 3. Scores and top-k.
@@ -195,11 +221,20 @@ RouterOutput Router::forward(const Tensor& x, const ForwardContext& ctx, Activat
                   c.moe_pad_expert_input_to_capacity, out.probs, out.routing_map);
   }
 
-  // 5. Load-balancing and z losses (training only): values now, gradients in the backward. A rank
-  // with no tokens still joins every collective (its terms are zero).
-  double aux_value = 0.0, z_value = 0.0;
-  if (ctx.training) {
+  // 5. Load-balancing and z losses (training only): values into out.losses (2) f64 (aux, z) on the
+  // device, gradient weights for the backward; nothing is read on the host. A rank with no tokens
+  // still joins every collective (its terms are zero).
+  if (replay) {  // re-run for recompute: the first forward's weights and values, nothing counted again
+    p->aux = replay->aux;
+    p->z = replay->z;
+    p->z_coef = replay->z_coef;
+    out.losses = replay->losses;
+  } else {
+    out.losses = Tensor::zeros({2}, DType::f64, device_);  // (2) f64 aux, z
+  }
+  if (!replay && ctx.training) {
     const int n = group_size(groups_.tp_cp);
+    Tensor aux_value = out.losses.narrow(0, 1), z_value = out.losses.narrow(1, 1);  // (1) f64 views
     const auto& types = c.moe_router_load_balancing_type;
     for (size_t i = 0; i < types.size(); ++i) {
       const AuxType type = parse_aux_type(types[i]);
@@ -211,70 +246,78 @@ RouterOutput Router::forward(const Tensor& x, const ForwardContext& ctx, Activat
                   "seq_length·batch_size, got T=", T, ", seq_length=", ctx.seq_length, ", batch_size=", ctx.batch_size);
         num_seqs = ctx.batch_size;
       }
-      Tensor prob_sum = Tensor::empty({num_seqs, E}, DType::f64, device_);
-      Tensor counts = Tensor::empty({num_seqs, E}, DType::i64, device_);
-      ops::aux_stats(spec.score, k, num_seqs, logits, prob_sum, counts);
-      std::vector<double> P = prob_sum.to_vector<double>();
-      std::vector<double> cnt = counts_to_f64(counts);
-      double T_tot = 0.0;
-      if (type == AuxType::aux) {
-        all_reduce_host(groups_.tp_cp, cnt);
-        T_tot = static_cast<double>(T) * n;
-      } else if (type == AuxType::seq_aux) {
-        all_reduce_host(groups_.tp_cp, cnt);
-        T_tot = static_cast<double>(T / num_seqs) * n;
-      } else {  // global_aux: counts over TP×DP×CP, averaged over the step's micro-batches
-        all_reduce_host(groups_.tp_dp_cp, cnt);
-        for (int64_t e = 0; e < E; ++e) global_tokens_per_expert_[e] += cnt[e];
-        global_aux_steps_ += 1;
-        for (int64_t e = 0; e < E; ++e) cnt[e] = global_tokens_per_expert_[e] / static_cast<double>(global_aux_steps_);
-        T_tot = static_cast<double>(T) * group_size(groups_.tp_dp_cp);
-      }
+      Tensor prob_sum = Tensor::empty({num_seqs, E}, DType::f64, device_);  // (B, E) f64
+      Tensor counts_i = Tensor::empty({num_seqs, E}, DType::i64, device_);  // (B, E) i64
+      ops::aux_stats(spec.score, k, num_seqs, logits, prob_sum, counts_i);
+      Tensor counts = Tensor::zeros({num_seqs, E}, DType::f64, device_);  // (B, E) f64, reduced below
+      ops::accumulate(counts, counts_i);
       // Per sequence r_b = E·Σ_i P_bi c_bi / (k·T_tot²) (exactly 1 for uniform logits); the value is
-      // coeff · mean_b r_b, its gradient weight w_bi = scale · coeff · E/(k·T_tot²) · c_bi / B.
-      const double denom = static_cast<double>(k) * T_tot * T_tot;
-      double r_sum = 0.0;
-      std::vector<double> w(static_cast<size_t>(num_seqs * E), 0.0);
-      for (int64_t b = 0; b < num_seqs && denom > 0; ++b) {
-        double dot = 0.0;
-        for (int64_t e = 0; e < E; ++e) dot += P[b * E + e] * cnt[b * E + e];
-        r_sum += static_cast<double>(E) * dot / denom;
-        for (int64_t e = 0; e < E; ++e)
-          w[b * E + e] = ctx.loss_scale * coeff * static_cast<double>(E) / denom * cnt[b * E + e] /
-                         static_cast<double>(num_seqs);
+      // coeff · mean_b r_b, its gradient weight w_bi = scale · coeff · E/(k·T_tot²) · c_bi / B
+      // (ops::aux_loss_value). global_aux: c is the running mean of the step's micro-batches.
+      AuxLossValueArgs term;
+      term.B = num_seqs;
+      term.E = E;
+      term.k = k;
+      term.coeff = coeff;
+      term.loss_scale = ctx.loss_scale;
+      Tensor* global = nullptr;
+      if (type == AuxType::aux) {
+        all_reduce_device(groups_.tp_cp, counts);
+        term.T_tot = static_cast<double>(T) * n;
+      } else if (type == AuxType::seq_aux) {
+        all_reduce_device(groups_.tp_cp, counts);
+        term.T_tot = static_cast<double>(T / num_seqs) * n;
+      } else {  // global_aux: counts over TP×DP×CP, averaged over the step's micro-batches
+        all_reduce_device(groups_.tp_dp_cp, counts);
+        global_aux_steps_ += 1;
+        term.global_steps = static_cast<double>(global_aux_steps_);
+        global = &global_tokens_per_expert_;
+        term.T_tot = static_cast<double>(T) * group_size(groups_.tp_dp_cp);
       }
-      aux_value += coeff * (r_sum / static_cast<double>(num_seqs));
       Pending::AuxGrad g;
       g.num_seqs = num_seqs;
-      g.weight = Tensor::from_vector(w, {num_seqs, E}, device_);
+      g.weight = Tensor::empty({num_seqs, E}, DType::f64, device_);  // (B, E) f64
+      ops::aux_loss_value(term, prob_sum, counts, global, g.weight, aux_value);
       p->aux.push_back(std::move(g));
     }
     if (c.moe_z_loss_coeff && *c.moe_z_loss_coeff != 0.0) {
       const double coeff = *c.moe_z_loss_coeff;
       if (T > 0) {
-        double sum = ops::z_loss_fwd(logits);
-        z_value = coeff / n * sum / static_cast<double>(T);
+        ops::z_loss_sum(logits, z_value);                                // Σ_t lse²
+        ops::scale_at(out.losses, 1, coeff / n, static_cast<double>(T));  // · coeff / n / T
         p->z = true;
         p->z_coef = ctx.loss_scale * coeff / (static_cast<double>(n) * static_cast<double>(T));
       }
     }
-    std::vector<double> both = {aux_value, z_value};
-    all_reduce_host(groups_.tp_cp, both);
-    aux_value = both[0];
-    z_value = both[1];
+    all_reduce_device(groups_.tp_cp, out.losses);
   }
-  out.aux_loss = aux_value;
-  out.z_loss = z_value;
+  p->losses = out.losses;
 
-  // 6–7. Tokens per expert of the final map; counted for the expert bias in training.
-  out.tokens_per_expert = ops::routing_counts(out.routing_map).to_vector<int64_t>();
-  if (ctx.training && c.moe_router_enable_expert_bias)
-    for (int64_t e = 0; e < E; ++e) local_tokens_per_expert_[e] += static_cast<double>(out.tokens_per_expert[e]);
+  // 6–7. Tokens per expert of the final map (on the device); counted for the expert bias in
+  // training (once: not when re-run for recompute).
+  out.counts = ops::routing_counts(out.routing_map);  // (E) i64
+  if (!replay && ctx.training && c.moe_router_enable_expert_bias) ops::accumulate(local_tokens_per_expert_, out.counts);
 
   p->topk_idx = out.topk_idx;
   p->routing_map = out.routing_map;
   pending_[&store] = std::move(p);
+  replay_.erase(&store);
   return out;
+}
+
+void Router::keep_for_recompute(ActivationStore& store) {
+  auto pit = pending_.find(&store);
+  MOE_CHECK(pit != pending_.end(), "Router::keep_for_recompute: no pending forward with this store");
+  const Pending& p = *pit->second;
+  auto r = std::make_shared<Replay>();
+  r->aux = p.aux;
+  r->z = p.z;
+  r->z_coef = p.z_coef;
+  r->losses = p.losses;
+  pending_.erase(pit);
+  store.drop(kInputSlot);
+  store.drop(kLogitsSlot);
+  replay_[&store] = std::move(r);
 }
 
 void Router::backward(const Tensor& dprobs, Tensor& dx, ActivationStore& store) {
@@ -324,7 +367,7 @@ void Router::finish_step() {
   const MoEConfig& c = config_;
   const int64_t E = c.num_moe_experts;
   if (c.moe_router_enable_expert_bias) {
-    std::vector<double> counts = local_tokens_per_expert_;
+    std::vector<double> counts = local_tokens_per_expert_.to_vector<double>();  // once per step
     all_reduce_host(groups_.tp_dp_cp, counts);
     double total = 0.0;
     for (double v : counts) total += v;
@@ -338,9 +381,9 @@ void Router::finish_step() {
       b[e] += rate * sign;
     }
     expert_bias_.value.copy_from_host(b.data(), b.size() * sizeof(float));
-    std::fill(local_tokens_per_expert_.begin(), local_tokens_per_expert_.end(), 0.0);
+    local_tokens_per_expert_.zero_();
   }
-  std::fill(global_tokens_per_expert_.begin(), global_tokens_per_expert_.end(), 0.0);
+  global_tokens_per_expert_.zero_();
   global_aux_steps_ = 0;
 }
 

@@ -45,6 +45,14 @@ const KernelTable& cuda_kernel_table() {
     t.qkv = cuda_qkv;
     t.attn_fwd = cuda_attn_fwd;
     t.attn_bwd = cuda_attn_bwd;
+    t.grouped_gemm_dev = cuda_grouped_gemm_dev;
+    t.permute_dev = cuda_permute_dev;
+    t.act_fwd_dev = cuda_act_fwd_dev;
+    t.act_bwd_dev = cuda_act_bwd_dev;
+    t.row_offsets = cuda_row_offsets;
+    t.aux_loss_value = cuda_aux_loss_value;
+    t.accumulate = cuda_accumulate;
+    t.scale_at = cuda_scale_at;
     return t;
   }();
   return table;

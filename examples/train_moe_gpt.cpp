@@ -66,16 +66,24 @@ MicroBatch micro_batch(const GPTDataset& data, int64_t consumed, int64_t m, int6
   return MicroBatch{Tensor::from_vector(tokens, {micro, S}), Tensor::from_vector(labels, {micro, S}), Tensor()};
 }
 
-// Per-step MoE statistics of this rank, summed over the micro-batches.
+// MoE statistics of this rank over the logging window, summed over the micro-batches on the
+// layers' device (MoELayer::accumulate_routing) and read once per log line, so a step makes no
+// host read for them (docs/gpu.md). Undefined for layers on other pipeline stages.
 struct MoEStats {
-  std::vector<std::vector<int64_t>> tokens;  // per MoE layer (E)
-  std::vector<double> aux, z;                // per MoE layer, coefficient included, Σ over micro-batches
-  std::vector<int64_t> dropped;              // routed slots dropped by capacity (no padding only)
-  void reset(size_t layers, int64_t E) {
-    tokens.assign(layers, std::vector<int64_t>(static_cast<size_t>(E), 0));
-    aux.assign(layers, 0.0);
-    z.assign(layers, 0.0);
-    dropped.assign(layers, 0);
+  std::vector<Tensor> tokens;  // per MoE layer (E) i64
+  std::vector<Tensor> losses;  // per MoE layer (2) f64: aux, z (coefficient included) / M, Σ over micro-batches
+  std::vector<int64_t> slots;  // per MoE layer: routed slots without capacity (T·k per micro-batch)
+  void reset(size_t layers) {
+    tokens.assign(layers, Tensor());
+    losses.assign(layers, Tensor());
+    slots.assign(layers, 0);
+  }
+  // Host copies at a log line: tokens (E) and (aux, z), zeros for a layer this rank does not hold.
+  std::vector<int64_t> tokens_of(size_t l, int64_t E) const {
+    return tokens[l].defined() ? tokens[l].to_vector<int64_t>() : std::vector<int64_t>(static_cast<size_t>(E), 0);
+  }
+  std::vector<double> losses_of(size_t l) const {
+    return losses[l].defined() ? losses[l].to_vector<double>() : std::vector<double>{0.0, 0.0};
   }
 };
 
@@ -193,6 +201,21 @@ int run(int argc, char** argv) {
   const int64_t DP = groups->dp_size();
   const int64_t M = resolve_batch_sizes(a, cfg, DP), micro = *a.micro_batch_size, gbs = *a.global_batch_size;
   const int64_t S = cfg.seq_length, iters = *a.train_iters;
+  if (a.estimate_memory) {  // Megatron-style per-rank footprints of every stage, then exit (docs/training.md)
+    MemoryLayout ml = MemoryLayout::from_config(cfg, world.size());
+    ml.micro_batch_size = micro;
+    ml.num_microbatches = M;
+    ml.use_distributed_optimizer = a.use_distributed_optimizer;
+    ml.optimizer = a.optimizer;
+    ml.sgd_momentum = a.sgd_momentum;
+    for (const MemoryEstimate& e : estimate_memory_per_stage(cfg, ml)) {
+      std::vector<int> ranks;
+      for (int r = 0; r < world.size(); ++r)
+        if (groups->layout().rank_in_group(GroupKind::pp, r) == e.pp_rank) ranks.push_back(r);
+      if (root) std::printf("%s\n", format_memory_estimate(e, ranks).c_str());
+    }
+    return 0;
+  }
 
   // Data: one indexed dataset, Megatron's document split, GPT samples of S + 1 tokens.
   DataBlend blend = data_blend(a.data_path);
@@ -281,7 +304,7 @@ int run(int argc, char** argv) {
   const double aux_coeff = cfg.moe_aux_loss_coeff.empty() ? 0.0 : cfg.moe_aux_loss_coeff[0];
   const bool one_aux = cfg.moe_router_load_balancing_type.size() == 1 && aux_coeff > 0;
   MoEStats win;
-  win.reset(moe_layers.size(), cfg.num_moe_experts);
+  win.reset(moe_layers.size());
   double win_lm = 0.0, win_norm = 0.0, win_bubble = 0.0, last_val = std::nan("");
   int64_t win_iters = 0, nan_iters = 0;
   // A progress bar only for one process on a terminal (mpirun hands its ranks a pseudo-terminal).
@@ -324,6 +347,14 @@ int run(int argc, char** argv) {
     }
   };
 
+  // --check-for-nan-in-loss-and-grad (Megatron's wording; the optimizer has skipped a step whose
+  // grad norm is not finite, so the parameters stay as they were).
+  auto check_for_nan = [&](const char* what, double v, int64_t it) {
+    MOE_CHECK_CODE(std::isfinite(v), ErrorCode::non_finite, "Rank ", world.rank(), ": found ",
+                   std::isnan(v) ? "NaN" : "Inf", " in ", what, " at iteration ", it,
+                   " (--check-for-nan-in-loss-and-grad; MOE_SANITIZE=1 names the step, micro-batch, layer, module",
+                   " and op where it first appeared)");
+  };
   for (int64_t it = first_iter; it <= iters; ++it) {
     const double lr = sched.lr(it - 1);
     opt.zero_grad();
@@ -338,21 +369,15 @@ int run(int argc, char** argv) {
       for (size_t l = 0; l < moe_layers.size(); ++l) {
         MoELayer* layer = model.moe_layer(moe_layers[l]);
         if (!layer) continue;  // on another pipeline stage
-        const RoutingSummary& r = layer->last_routing();
-        int64_t routed = 0;
-        for (size_t e = 0; e < r.tokens_per_expert.size(); ++e) {
-          win.tokens[l][e] += r.tokens_per_expert[e];
-          routed += r.tokens_per_expert[e];
-        }
-        win.aux[l] += r.aux_loss / static_cast<double>(M);
-        win.z[l] += r.z_loss / static_cast<double>(M);
-        if (!cfg.moe_pad_expert_input_to_capacity)
-          win.dropped[l] += r.routing_map.size(0) * cfg.moe_router_topk - routed;
+        layer->accumulate_routing(win.tokens[l], win.losses[l], static_cast<double>(M));  // on the device
+        win.slots[l] += layer->last_routing_on_device().routing_map.size(0) * cfg.moe_router_topk;
       }
     };
     const ScheduleResult sr = run_schedule(model, batches, ctx, so);
+    if (a.check_for_nan_in_loss_and_grad) check_for_nan("local forward loss calculation", sr.loss, it);
     model.finish_grads_pipeline([&](Parameter& p) { return opt.main_grad(&p); });  // tied embedding over PP
     const OptimizerStepResult res = opt.step(lr);
+    if (a.check_for_nan_in_loss_and_grad) check_for_nan("grad norm", res.grad_norm, it);
     model.finish_step();
     train.consumed += gbs;
     win_bubble += sr.bubble_s;
@@ -369,8 +394,9 @@ int run(int argc, char** argv) {
       // iterations and MoE layers, divided by the coefficient as Megatron's tracker reports them.
       std::vector<double> per_layer;  // aux, z per layer, then tokens, dropped
       for (size_t l = 0; l < moe_layers.size(); ++l) {
-        per_layer.push_back(win.aux[l] / static_cast<double>(win_iters));
-        per_layer.push_back(win.z[l] / static_cast<double>(win_iters));
+        const std::vector<double> az = win.losses_of(l);
+        per_layer.push_back(az[0] / static_cast<double>(win_iters));
+        per_layer.push_back(az[1] / static_cast<double>(win_iters));
       }
       Tensor lt = Tensor::from_vector(per_layer.empty() ? std::vector<double>{0.0} : per_layer,
                                       {std::max<int64_t>(1, static_cast<int64_t>(per_layer.size()))});
@@ -385,9 +411,13 @@ int run(int argc, char** argv) {
       sm.lr = sched.lr(it);
       double aux_mean = 0.0, z_mean = 0.0;
       for (size_t l = 0; l < moe_layers.size(); ++l) {
-        Tensor counts = Tensor::from_vector(win.tokens[l], {cfg.num_moe_experts});
+        const std::vector<int64_t> tokens = win.tokens_of(l, cfg.num_moe_experts);
+        int64_t routed = 0;
+        for (int64_t n : tokens) routed += n;
+        Tensor counts = Tensor::from_vector(tokens, {cfg.num_moe_experts});
         world.all_reduce(counts);
-        Tensor dropped = Tensor::from_vector(std::vector<int64_t>{win.dropped[l]}, {1});
+        const int64_t dropped_here = cfg.moe_pad_expert_input_to_capacity ? 0 : win.slots[l] - routed;
+        Tensor dropped = Tensor::from_vector(std::vector<int64_t>{dropped_here}, {1});
         world.all_reduce(dropped);
         MoELayerMetrics ml;
         ml.layer = moe_layers[l];
@@ -443,7 +473,7 @@ int run(int argc, char** argv) {
         std::fflush(stdout);
         if (metrics) metrics->write_step(sm);
       }
-      win.reset(moe_layers.size(), cfg.num_moe_experts);
+      win.reset(moe_layers.size());
       win_lm = win_norm = win_bubble = 0.0;
       win_iters = 0;
       t_window = std::chrono::steady_clock::now();

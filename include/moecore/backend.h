@@ -55,6 +55,12 @@ class Backend {
   // On the current stream. device_to_host and host_to_host return once dst holds the data (the
   // host may read it); host_to_device and device_to_device may still be running when they return.
   virtual void copy(void* dst, const void* src, size_t bytes, CopyKind kind) = 0;
+  // Device → pinned host on the current stream, without waiting: it may still be running when it
+  // returns. The caller records an event after it, reads dst only after that event and keeps src
+  // alive until then (the offload manager does both). Default: the synchronous copy (the CPU).
+  virtual void copy_to_pinned_async(void* dst, const void* src, size_t bytes) {
+    copy(dst, src, bytes, CopyKind::device_to_host);
+  }
   virtual void memset_zero(void* ptr, size_t bytes) = 0;                          // on the current stream
 
   virtual Stream& current_stream() = 0;

@@ -82,13 +82,16 @@ struct MoEConfig {
   std::optional<bool> sequence_parallel;
   std::string parallel_order = "tp-cp-ep-dp-pp";
 
-  // ---- memory (docs/architecture.md) ----
-  std::string recompute_granularity;               // "" | selective ('full' is refused: not implemented)
-  std::vector<std::string> recompute_modules;      // moe_act | shared_experts | moe
-  std::optional<std::string> recompute_method;     // uniform | block: for 'full', refused until it exists
-  std::optional<int64_t> recompute_num_layers;     // likewise
+  // ---- memory (docs/memory.md) ----
+  std::string recompute_granularity;               // "" | selective | full
+  // selective: core_attn | layernorm | mlp | moe | moe_act | shared_experts (empty: core_attn, as Megatron)
+  std::vector<std::string> recompute_modules;
+  std::optional<std::string> recompute_method;     // full: uniform (chunks of N layers) | block (first N layers)
+  std::optional<int64_t> recompute_num_layers;     // full: N
   bool fine_grained_activation_offloading = false;
-  std::vector<std::string> offload_modules;        // expert_fc1 | moe_act | shared_experts
+  // attn_norm | core_attn | attn_proj | mlp_norm | expert_fc1 | moe_act (Megatron) | shared_experts
+  std::vector<std::string> offload_modules;
+  int64_t min_offloaded_tensor_size = 1024 * 1024;  // elements: smaller saved tensors stay on the device
 
   // ---- derived helpers ----
   int64_t etp() const { return expert_tensor_parallel_size.value_or(tensor_model_parallel_size); }

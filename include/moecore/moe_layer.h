@@ -20,13 +20,18 @@ namespace moe {
 class ProcessGroups;    // moecore/parallel.h
 class TokenDispatcher;  // internal (src/moe/dispatcher.h)
 
-// What one forward routed, for logging and tests.
+// What one forward routed, for logging and tests. The forward leaves the counts and loss values on
+// the device (counts, losses); last_routing() reads them into the host fields on first use after a
+// forward (one host read each: a device→host sync on a GPU). A trainer that logs only every few
+// steps accumulates the device tensors instead (examples/train_moe_gpt.cpp).
 struct RoutingSummary {
   std::vector<int64_t> tokens_per_expert;  // (E) this rank's tokens, after capacity
   double aux_loss = 0, z_loss = 0;
   int64_t capacity = 0;
   Tensor probs;        // (T, E) router dtype
   Tensor routing_map;  // (T, E) u8
+  Tensor counts;       // (E) i64 on the layer's device: tokens_per_expert
+  Tensor losses;       // (2) f64 on the layer's device: aux_loss, z_loss
 };
 
 // Micro-batches: every forward is kept under its micro-batch (ForwardContext::microbatch) until its
@@ -57,12 +62,26 @@ class MoELayer {
   // Micro-batches forwarded and not yet backwarded; release() drops one without its backward.
   int64_t pending_microbatches() const { return static_cast<int64_t>(pending_.size()); }
   void release(int64_t microbatch);
+  // Full-layer recompute (MoEGPTModel, docs/memory.md): discard_saved() drops everything micro-batch
+  // m's forward saved (it stays pending, with its context and the router's E-sized loss state);
+  // recompute_forward() re-runs that forward from the same input, counting nothing twice, and
+  // returns its output again.
+  void discard_saved(int64_t microbatch);
+  Tensor recompute_forward(const Tensor& hidden, int64_t microbatch);
 
   std::vector<Parameter*> parameters();  // router.weight, experts.*, shared_experts.*, router.expert_bias
   Parameter* find_parameter(const std::string& canonical_name);
   void zero_grad();
 
-  const RoutingSummary& last_routing() const { return summary_; }  // of the most recent forward
+  const RoutingSummary& last_routing() const;  // of the most recent forward (reads counts and losses)
+  // The same without reading anything on the host: the host fields may be stale, counts and losses
+  // are current.
+  const RoutingSummary& last_routing_on_device() const { return summary_; }
+  // Adds the most recent forward's tokens per expert and loss values (÷ loss_divisor) into device
+  // tensors, created on the first call (counts (E) i64, losses (2) f64: aux, z, on the layer's
+  // device), without a host read: a trainer sums its logging window there and reads it once per
+  // log line.
+  void accumulate_routing(Tensor& counts, Tensor& losses, double loss_divisor = 1.0) const;
   // The saved slots of the most recent forward's micro-batch (micro-batch 0 before any forward);
   // store(m): of micro-batch m. Each micro-batch's store starts with the config's policies.
   ActivationStore& store();
@@ -89,8 +108,19 @@ class MoELayer {
   std::unique_ptr<GroupedExperts> experts_;
   std::unique_ptr<SharedExperts> shared_;
   std::unique_ptr<TokenDispatcher> dispatcher_;
-  RoutingSummary summary_;
+  mutable RoutingSummary summary_;
+  mutable bool summary_read_ = true;  // the host fields of summary_ hold the device values
   DType router_dtype_ = DType::f32;
+  // `moe` recompute (docs/memory.md): the forward keeps only its input (slot moe.input) and, per
+  // pending micro-batch, its context; the backward re-runs run_forward with recompute = true.
+  bool recompute_moe_ = false;
+  std::shared_ptr<OffloadManager> offload_ = std::make_shared<OffloadManager>();  // every micro-batch's store
+  std::map<int64_t, ForwardContext> contexts_;
+  // Router → dispatch → experts (→ combine and shared expert). replay: a re-run (the router counts
+  // nothing again). Returns the output (T, H), or undefined without need_output.
+  Tensor run_forward(const Tensor& x, const ForwardContext& ctx, ActivationStore& st, int64_t mb, bool replay,
+                     bool need_output, RouterOutput* routed);
+  void drop_saved(ActivationStore& st, int64_t mb);  // all but the router's loss state
 };
 
 }  // namespace moe

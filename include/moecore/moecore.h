@@ -12,6 +12,7 @@
 #include "moecore/error.h"
 #include "moecore/experts.h"
 #include "moecore/logging.h"
+#include "moecore/memory.h"
 #include "moecore/moe_layer.h"
 #include "moecore/model.h"
 #include "moecore/optim.h"

@@ -49,6 +49,9 @@ struct TrainingArgs {
   double adam_eps = 1e-8;
   double sgd_momentum = 0.9;
   double clip_grad = 1.0;                    // global L2 norm; 0 disables clipping
+  // Megatron's check (on by default there and here; --no-check-for-nan-in-loss-and-grad turns it
+  // off): a non-finite lm loss or grad norm stops the run with an error instead of a skipped step.
+  bool check_for_nan_in_loss_and_grad = true;
   bool use_distributed_optimizer = false;
 
   // precision: --bf16 also sets MoEConfig::params_dtype = "bf16" (--fp16 is refused)
@@ -83,6 +86,9 @@ struct TrainingArgs {
   std::optional<int64_t> save_interval;       // iterations between saves (and one at the end)
   bool finetune = false, no_load_optim = false, no_load_rng = false, no_save_optim = false, no_save_rng = false;
 
+  // --estimate-memory: print every stage's theoretical memory per rank (estimate_memory,
+  // moecore/memory.h) and exit without training.
+  bool estimate_memory = false;
   std::string metrics_file;                   // JSON lines (MetricsWriter); empty: none
   std::string plots_dir;                      // where scripts/plot_metrics.py draws; empty: none
   std::optional<double> expect_val_loss_below;  // exit non-zero unless the last validation loss is below

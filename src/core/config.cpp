@@ -353,6 +353,7 @@ const std::vector<KeyInfo>& key_table() {
       MOE_CONFIG_KEY(recompute_num_layers),
       MOE_CONFIG_KEY(fine_grained_activation_offloading),
       MOE_CONFIG_KEY(offload_modules),
+      MOE_CONFIG_KEY(min_offloaded_tensor_size),
   };
   return table;
 }
@@ -655,24 +656,28 @@ void validate(const MoEConfig& c) {
   }
 
   // ---- memory ----
+  // Megatron's TransformerConfig rules (docs/memory.md).
   require_one_of("recompute_granularity", c.recompute_granularity, {"", "selective", "full"});
-  MOE_CONFIG_REQUIRE(c.recompute_granularity != "full",
-                     "recompute_granularity = 'full' is not supported: full-layer recompute is not implemented; use "
-                     "'selective' with recompute_modules (moe_act, shared_experts, moe)");
-  if (c.recompute_method) {
-    require_one_of("recompute_method", *c.recompute_method, {"uniform", "block"});
-    MOE_CONFIG_REQUIRE(false, "recompute_method = '", *c.recompute_method,
-                       "' is not supported: it chooses the layers of recompute_granularity = 'full', which is not "
-                       "implemented (leave recompute_method null)");
+  if (c.recompute_method) require_one_of("recompute_method", *c.recompute_method, {"uniform", "block"});
+  if (c.recompute_num_layers) require_positive("recompute_num_layers", *c.recompute_num_layers);
+  if (c.recompute_granularity == "full") {
+    MOE_CONFIG_REQUIRE(c.recompute_method.has_value(),
+                       "recompute_granularity = 'full' needs recompute_method = 'uniform' or 'block', got none");
+    MOE_CONFIG_REQUIRE(c.recompute_num_layers.has_value(),
+                       "recompute_granularity = 'full' needs recompute_num_layers (1 to the layers of a pipeline stage), "
+                       "got none");
+  } else {
+    MOE_CONFIG_REQUIRE(!c.recompute_num_layers.has_value(), "recompute_num_layers = ", c.recompute_num_layers.value_or(0),
+                       " needs recompute_granularity = 'full', got '", c.recompute_granularity, "'");
+    MOE_CONFIG_REQUIRE(!c.recompute_method.has_value(), "recompute_method = '", c.recompute_method.value_or(""),
+                       "' needs recompute_granularity = 'full', got '", c.recompute_granularity, "'");
   }
-  if (c.recompute_num_layers) {
-    require_positive("recompute_num_layers", *c.recompute_num_layers);
-    MOE_CONFIG_REQUIRE(false, "recompute_num_layers = ", *c.recompute_num_layers,
-                       " is not supported: it counts the layers of recompute_granularity = 'full', which is not "
-                       "implemented (leave recompute_num_layers null)");
-  }
-  require_all_of("recompute_modules", c.recompute_modules, {"moe_act", "shared_experts", "moe"});
-  require_all_of("offload_modules", c.offload_modules, {"expert_fc1", "moe_act", "shared_experts"});
+  require_all_of("recompute_modules", c.recompute_modules,
+                 {"core_attn", "moe_act", "layernorm", "mlp", "moe", "shared_experts"});
+  require_all_of("offload_modules", c.offload_modules,
+                 {"attn_norm", "core_attn", "attn_proj", "mlp_norm", "expert_fc1", "moe_act", "shared_experts"});
+  MOE_CONFIG_REQUIRE(c.min_offloaded_tensor_size >= 0, "min_offloaded_tensor_size must be >= 0, got ",
+                     c.min_offloaded_tensor_size);
   MOE_CONFIG_REQUIRE(c.offload_modules.empty() || c.fine_grained_activation_offloading,
                      "offload_modules = ", quoted_list(c.offload_modules),
                      " requires fine_grained_activation_offloading = true, got false");

@@ -100,7 +100,16 @@ Tensor SelfAttention::forward(const Tensor& x, const SeqBatch& seq, ActivationSt
   store.save("attention.k", k4);
   store.save("attention.v", v4);
   store.save("attention.o", o);
-  store.save("attention.lse", lse);
+  // core_attn recompute: the attention's own saved state (lse) is rebuilt from q, k, v (keys and
+  // values re-gathered over CP), as Megatron's checkpoint of core attention keeps only its inputs.
+  store.save("attention.lse", lse, [this, seq, &store, dt] {
+    Tensor q = store.get("attention.q"), k_all = cp_all_gather(cp_, store.get("attention.k")),
+           v_all = cp_all_gather(cp_, store.get("attention.v"));  // (S_cp, b, nh, hd), (S, b, ng, hd) ×2
+    Tensor o2 = Tensor::empty(q.shape(), dt, device_);                                             // (S_cp, b, nh, hd)
+    Tensor lse2 = Tensor::empty({seq.b, nh_, seq.s_cp}, ops::stat_dtype_for(dt), device_);        // (b, nh, S_cp)
+    ops::attention_fwd(scale_, seq.q_pos, seq.k_pos, q, k_all, v_all, o2, lse2);
+    return lse2;
+  });
   return sp_reduce_scatter(tp_, y);  // (s_loc·b, H)
 }
 

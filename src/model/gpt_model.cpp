@@ -21,6 +21,7 @@
 #include <cmath>
 #include <map>
 
+#include "core/sanitize.h"
 #include "device/ops.h"
 #include "model/modules.h"
 #include "moe/module_util.h"
@@ -129,11 +130,94 @@ struct MoEGPTModel::Impl {
   std::unique_ptr<Norm> final_norm;      // last stage
   std::map<int64_t, MicroState> micro;   // pending forwards by micro-batch
   std::vector<int64_t> order;            // pending micro-batches in forward order
+  // Full recompute (docs/memory.md): local layer k belongs to the recomputed chunk of local layers
+  // [chunk_first[k], chunk_last[k]], or to none (-1).
+  std::vector<int64_t> chunk_first, chunk_last;
+  std::shared_ptr<OffloadManager> offload = std::make_shared<OffloadManager>();  // every micro-batch's stores
 
   Parameter& out_weight() { return output.value.defined() ? output : word; }
 };
 
 namespace {
+
+bool selective(const MoEConfig& c, const char* module) {
+  if (c.recompute_granularity != "selective") return false;
+  if (c.recompute_modules.empty()) return std::string(module) == "core_attn";  // Megatron's default
+  return std::find(c.recompute_modules.begin(), c.recompute_modules.end(), module) != c.recompute_modules.end();
+}
+
+bool offloads(const MoEConfig& c, const char* module) {
+  return c.fine_grained_activation_offloading &&
+         std::find(c.offload_modules.begin(), c.offload_modules.end(), module) != c.offload_modules.end();
+}
+
+// recompute_modules / offload_modules (Megatron's names) → the slot policies of a layer's store
+// (norms, attention, dense MLP; the MoE layer applies its own). docs/memory.md lists them.
+void apply_layer_policies(const MoEConfig& c, ActivationStore& store, const std::shared_ptr<OffloadManager>& offload) {
+  store.set_offload_manager(offload);
+  store.set_min_offload_numel(c.min_offloaded_tensor_size);
+  if (selective(c, "core_attn")) store.set_policy("attention.lse", SavePolicy::recompute);
+  if (selective(c, "mlp")) store.set_policy("mlp.", SavePolicy::recompute);
+  if (selective(c, "layernorm")) {
+    store.set_policy("attention.input", SavePolicy::recompute);
+    store.set_policy("mlp.fc1_input", SavePolicy::recompute);
+  }
+  if (offloads(c, "attn_norm")) store.set_policy("input_layernorm.input", SavePolicy::offload);
+  if (offloads(c, "mlp_norm")) store.set_policy("pre_mlp_layernorm.input", SavePolicy::offload);
+  if (offloads(c, "attn_proj")) store.set_policy("attention.o", SavePolicy::offload);
+  if (offloads(c, "core_attn"))
+    for (const char* s : {"attention.q", "attention.k", "attention.v"}) store.set_policy(s, SavePolicy::offload);
+}
+
+// The MoE layers' context: (s_loc, b) tokens, router losses scaled like the lm loss.
+ForwardContext moe_context(const ForwardContext& ctx, int64_t s_loc, int64_t b, int64_t cp) {
+  ForwardContext m = ctx;
+  m.seq_length = s_loc;
+  m.batch_size = b;
+  m.loss_scale = ctx.loss_scale * static_cast<double>(cp);
+  return m;
+}
+
+// One transformer layer's forward: h (s_loc·b, H) → h + attn(norm₁(h)) + mlp(norm₂(·)).
+// rerun: the full-recompute re-run of a pending micro-batch (the MoE layer counts nothing twice).
+Tensor layer_forward(const MoEConfig& c, TransformerLayer& L, ActivationStore& store, const Tensor& h,
+                     const SeqBatch& seq, const ForwardContext& mctx, bool rerun) {
+  const int64_t H = c.hidden_size, s_loc = seq.s_loc, b = seq.b;
+  const bool ln_recompute = selective(c, "layernorm");
+  sanitize::set_module("input_layernorm");
+  Tensor a = L.input_norm->forward(h, store, "input_layernorm");  // (s_loc·b, H)
+  sanitize::set_module("self_attention");
+  Tensor h1 = L.attention->forward(a, seq, store);  // (s_loc·b, H)
+  Norm* n1 = L.input_norm.get();
+  if (ln_recompute)  // layernorm recompute: norm₁'s output is rebuilt from its kept input
+    store.save("attention.input", a, [n1, &store] { return n1->apply(store.get("input_layernorm.input")); });
+  a = Tensor();
+  ops::add_(h1, h);
+  sanitize::set_module("pre_mlp_layernorm");
+  Tensor a2 = L.pre_mlp_norm->forward(h1, store, "pre_mlp_layernorm");  // (s_loc·b, H)
+  Norm* n2 = L.pre_mlp_norm.get();
+  ActivationStore::Regenerate norm2 = [n2, &store] { return n2->apply(store.get("pre_mlp_layernorm.input")); };
+  sanitize::set_module("mlp");
+  Tensor h2;  // (s_loc·b, H)
+  if (L.moe) {
+    const int64_t mb = mctx.microbatch;
+    Tensor x3 = a2.view({s_loc, b, H});  // (s_loc, b, H)
+    h2 = (rerun ? L.moe->recompute_forward(x3, mb) : L.moe->forward(x3, mctx)).view({s_loc * b, H});
+    if (ln_recompute) {  // the MoE layer's slots that hold norm₂'s output itself
+      ActivationStore& ms = L.moe->store(mb);
+      for (const char* s : {"router.input", "shared_experts.fc1_input", "moe.input"})
+        if (ms.has(s) && ms.saved_policy(s) == SavePolicy::keep && ms.get(s).shares_storage_with(a2)) {
+          ms.set_policy(s, SavePolicy::recompute);
+          ms.save(s, a2, [norm2] { return norm2(); });
+        }
+    }
+  } else {
+    h2 = L.dense->forward(a2, store);
+    if (ln_recompute) store.save("mlp.fc1_input", a2, norm2);
+  }
+  ops::add_(h2, h1);
+  return h2;
+}
 
 Tensor i64_tensor(const std::vector<int64_t>& v, Device device) {
   return Tensor::from_vector(v, {static_cast<int64_t>(v.size())}).to(device);
@@ -162,6 +246,24 @@ MoEGPTModel::MoEGPTModel(const MoEConfig& config, Device device, std::shared_ptr
             " pipeline stages but the config asks for pipeline_model_parallel_size = ",
             config_.pipeline_model_parallel_size);
   stage_ = pipeline_stage_layers(config_, pp_rank_);
+  // Full recompute (Megatron's checkpointed_forward): uniform = chunks of N local layers, each
+  // keeping its input; block = the first N local layers, each its own chunk; the rest not.
+  m.chunk_first.assign(static_cast<size_t>(stage_.count), -1);
+  m.chunk_last.assign(static_cast<size_t>(stage_.count), -1);
+  if (config_.recompute_granularity == "full") {
+    const int64_t N = config_.recompute_num_layers.value_or(0);
+    MOE_CHECK(N >= 1 && N <= std::max<int64_t>(stage_.count, 1), "MoEGPTModel: recompute_num_layers = ", N,
+              " must be between 1 and the layers of pipeline stage ", pp_rank_, " (", stage_.count, ")");
+    const bool uniform = config_.recompute_method.value_or("") == "uniform";
+    for (int64_t k = 0; k < stage_.count; ++k) {
+      if (uniform) {
+        m.chunk_first[static_cast<size_t>(k)] = k / N * N;
+        m.chunk_last[static_cast<size_t>(k)] = std::min(k / N * N + N, stage_.count) - 1;
+      } else if (k < N) {
+        m.chunk_first[static_cast<size_t>(k)] = m.chunk_last[static_cast<size_t>(k)] = k;
+      }
+    }
+  }
   const int64_t tp = m.tp ? m.tp->size() : 1, tp_rank = m.tp ? m.tp->rank() : 0;
   const int64_t cp = m.cp ? m.cp->size() : 1, cp_rank = m.cp ? m.cp->rank() : 0;
   layout_ = SequenceLayout::make(config_.seq_length, cp, tp, cp_rank, tp_rank);
@@ -326,6 +428,7 @@ Tensor MoEGPTModel::forward_stage(const MicroBatch& batch, const ForwardContext&
 
   // A pending forward of this micro-batch is replaced.
   const int64_t mb = ctx.microbatch;
+  sanitize::PassScope where_pass("forward", ctx.step, mb);  // names step, micro-batch, layer, module in errors
   release(mb);
   MicroState& st = m.micro.try_emplace(mb, m.layers.size()).first->second;
   st.seq.b = b;
@@ -347,6 +450,7 @@ Tensor MoEGPTModel::forward_stage(const MicroBatch& batch, const ForwardContext&
     st.pos_ids = i64_tensor(pos, device_);
     // Embedding: vocab-parallel rows summed over TP and scattered to this rank's rows.
     Tensor emb = Tensor::empty({n, H}, dt, device_);  // (S_cp·b, H) partial over TP
+    sanitize::set_module("embedding");
     ops::embedding_fwd(st.ids, m.word.value, m.vocab_start, emb, false);
     h = sp_reduce_scatter(m.tp, emb);  // (s_loc·b, H)
     emb = Tensor();
@@ -355,22 +459,24 @@ Tensor MoEGPTModel::forward_stage(const MicroBatch& batch, const ForwardContext&
     h = input;  // read only: every layer adds into fresh tensors
   }
 
-  // Layers. The MoE layers see (s_loc, b, H) with the router losses scaled like the lm loss.
-  ForwardContext mctx = ctx;
-  mctx.seq_length = s_loc;
-  mctx.batch_size = b;
-  mctx.loss_scale = ctx.loss_scale * static_cast<double>(lay.cp);
+  // Layers. The MoE layers see (s_loc, b, H) with the router losses scaled like the lm loss. Under
+  // full recompute a chunk's layers keep nothing but the chunk's input once the chunk has run.
+  const ForwardContext mctx = moe_context(ctx, s_loc, b, lay.cp);
+  for (ActivationStore& store : st.layer_stores) apply_layer_policies(c, store, m.offload);
+  Tensor chunk_input;  // (s_loc·b, H)
   for (size_t k = 0; k < m.layers.size(); ++k) {
-    TransformerLayer& L = m.layers[k];
-    ActivationStore& store = st.layer_stores[k];
-    Tensor a = L.input_norm->forward(h, store, "input_layernorm");     // (s_loc·b, H)
-    Tensor h1 = L.attention->forward(a, st.seq, store);                // (s_loc·b, H)
-    ops::add_(h1, h);
-    Tensor a2 = L.pre_mlp_norm->forward(h1, store, "pre_mlp_layernorm");  // (s_loc·b, H)
-    Tensor h2 = L.moe ? L.moe->forward(a2.view({s_loc, b, H}), mctx).view({s_loc * b, H})
-                      : L.dense->forward(a2, store);                      // (s_loc·b, H)
-    ops::add_(h2, h1);
-    h = h2;
+    sanitize::LayerScope where_layer(stage_.first + static_cast<int64_t>(k));
+    const int64_t first = m.chunk_first[k];
+    if (first == static_cast<int64_t>(k)) chunk_input = h;
+    h = layer_forward(c, m.layers[k], st.layer_stores[k], h, st.seq, mctx, /*rerun=*/false);  // (s_loc·b, H)
+    if (first >= 0 && m.chunk_last[k] == static_cast<int64_t>(k)) {
+      for (int64_t j = first; j <= static_cast<int64_t>(k); ++j) {
+        if (m.layers[static_cast<size_t>(j)].moe) m.layers[static_cast<size_t>(j)].moe->discard_saved(mb);
+        st.layer_stores[static_cast<size_t>(j)].clear();
+      }
+      st.layer_stores[static_cast<size_t>(first)].save("layer.input", chunk_input);
+      chunk_input = Tensor();
+    }
   }
 
   if (!last) {
@@ -391,12 +497,15 @@ Tensor MoEGPTModel::forward_stage(const MicroBatch& batch, const ForwardContext&
       st.mask[dst] = mask_full[src];
     }
   st.labels = i64_tensor(lab, device_);
+  sanitize::set_module("final_layernorm");
   Tensor hf = m.final_norm->forward(h, st.head_store, "final_layernorm");  // (s_loc·b, H)
+  sanitize::set_module("output_layer");
   st.head_store.save("output_layer.input", hf);
   Tensor hg = sp_all_gather(m.tp, hf);                                   // (S_cp·b, H)
   st.logits = ops::matmul(hg, false, m.out_weight().value, true);        // (S_cp·b, V/TP)
   hg = Tensor();
   const DType stt = ops::stat_dtype_for(dt);
+  sanitize::set_module("cross_entropy");
   st.row_max = Tensor::empty({n}, stt, device_);  // (S_cp·b)
   ops::xent_max(st.logits, st.row_max);
   if (sp_active(m.tp)) m.tp->all_reduce(st.row_max, ReduceOp::max);
@@ -438,6 +547,7 @@ Tensor MoEGPTModel::backward_stage(int64_t mb, const Tensor& output_grad) {
   MOE_CHECK(it != m.micro.end() && it->second.pending, "MoEGPTModel::backward: micro-batch ", mb,
             " has no pending forward (backward called twice, or without a forward)");
   MicroState& st = it->second;
+  sanitize::PassScope where_pass("backward", st.ctx.step, mb);
   const int64_t H = config_.hidden_size, n = st.seq.s_cp * st.seq.b, s_loc = st.seq.s_loc, b = st.seq.b;
   const bool first = is_first_stage(), last = is_last_stage();
 
@@ -451,17 +561,20 @@ Tensor MoEGPTModel::backward_stage(int64_t mb, const Tensor& output_grad) {
     const double scale = st.ctx.loss_scale * static_cast<double>(layout_.cp);
     for (int64_t i = 0; i < n; ++i) g[i] = st.mask_sum > 0 ? scale * st.mask[i] / st.mask_sum : 0.0;
     Tensor grad = Tensor::from_vector(g, {n}).to_dtype(stt).to(device_);  // (S_cp·b) stat
+    sanitize::set_module("cross_entropy");
     Tensor sum_exp = st.sums.narrow(0, 1).view({n});
     ops::xent_bwd(st.logits, st.labels, m.vocab_start, st.row_max, sum_exp, grad, st.logits);
     Tensor dlogits = st.logits;  // (S_cp·b, V/TP)
     st.logits = st.row_max = st.sums = Tensor();
     Parameter& W = m.out_weight();
+    sanitize::set_module("output_layer");
     Tensor hg = sp_all_gather(m.tp, st.head_store.get("output_layer.input"));  // (S_cp·b, H)
     st.head_store.drop("output_layer.input");
     ops::gemm(dlogits, true, hg, false, W.grad, 1.0, 1.0);
     hg = Tensor();
     Tensor dhg = ops::matmul(dlogits, false, W.value, false);  // (S_cp·b, H) partial over TP (vocab)
     dlogits = Tensor();
+    sanitize::set_module("final_layernorm");
     dh = m.final_norm->backward(sp_reduce_scatter(m.tp, dhg), st.head_store, "final_layernorm");  // (s_loc·b, H)
   } else {
     MOE_CHECK(output_grad.defined(), "MoEGPTModel::backward: pipeline stage ", pp_rank_,
@@ -471,19 +584,32 @@ Tensor MoEGPTModel::backward_stage(int64_t mb, const Tensor& output_grad) {
     dh = output_grad;  // read only
   }
 
-  // Layers, last first.
+  // Layers, last first. A fully recomputed chunk re-runs its forwards from its input first.
+  const ForwardContext mctx = moe_context(st.ctx, s_loc, b, layout_.cp);
   for (size_t k = m.layers.size(); k-- > 0;) {
     TransformerLayer& L = m.layers[k];
     ActivationStore& store = st.layer_stores[k];
+    sanitize::LayerScope where_layer(stage_.first + static_cast<int64_t>(k));
+    if (m.chunk_first[k] >= 0 && m.chunk_last[k] == static_cast<int64_t>(k)) {
+      const size_t first = static_cast<size_t>(m.chunk_first[k]);
+      Tensor hx = st.layer_stores[first].get("layer.input");  // (s_loc·b, H)
+      st.layer_stores[first].drop("layer.input");
+      for (size_t j = first; j <= k; ++j)
+        hx = layer_forward(config_, m.layers[j], st.layer_stores[j], hx, st.seq, mctx, /*rerun=*/true);
+    }
+    sanitize::set_module("mlp");
     Tensor da2;  // (s_loc·b, H)
     if (L.moe) {
       da2 = L.moe->backward(dh.view({s_loc, b, H}), mb).view({s_loc * b, H});
     } else {
       L.dense->backward(dh, da2, store);
     }
+    sanitize::set_module("pre_mlp_layernorm");
     Tensor dh1 = L.pre_mlp_norm->backward(da2, store, "pre_mlp_layernorm");  // (s_loc·b, H)
     ops::add_(dh1, dh);
+    sanitize::set_module("self_attention");
     Tensor da = L.attention->backward(dh1, st.seq, store);                // (s_loc·b, H)
+    sanitize::set_module("input_layernorm");
     Tensor dh0 = L.input_norm->backward(da, store, "input_layernorm");  // (s_loc·b, H)
     ops::add_(dh0, dh1);
     dh = dh0;
@@ -493,6 +619,7 @@ Tensor MoEGPTModel::backward_stage(int64_t mb, const Tensor& output_grad) {
   Tensor input_grad;
   if (first) {
     // Embedding: positions from this rank's rows, words from the TP-gathered rows.
+    sanitize::set_module("embedding");
     if (m.position.value.defined()) ops::embedding_bwd(st.pos_ids, dh, 0, m.position.grad);
     Tensor dhg_emb = sp_all_gather(m.tp, dh);  // (S_cp·b, H)
     ops::embedding_bwd(st.ids, dhg_emb, m.vocab_start, m.word.grad);

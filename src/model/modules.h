@@ -35,6 +35,8 @@ class Norm {
  public:
   Norm(const MoEConfig& config, Device device, const std::string& name, int64_t D);
   Tensor forward(const Tensor& x, ActivationStore& store, const std::string& slot);
+  // The forward's output alone, saving nothing (the layernorm recompute's regenerate function).
+  Tensor apply(const Tensor& x);
   Tensor backward(const Tensor& dy, ActivationStore& store, const std::string& slot);
   void parameters(std::vector<Parameter*>& out);
 

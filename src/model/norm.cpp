@@ -27,6 +27,11 @@ Norm::Norm(const MoEConfig& config, Device device, const std::string& name, int6
     bias_ = make_parameter(name + ".bias", {D}, {}, dt, device, config.seed, 0.0, GradGroup::sequence_parallel);
 }
 
+Tensor Norm::apply(const Tensor& x) {
+  ActivationStore scratch;  // the statistics are recomputed bit for bit and dropped
+  return forward(x, scratch, "norm");
+}
+
 Tensor Norm::forward(const Tensor& x, ActivationStore& store, const std::string& slot) {
   MOE_CHECK(x.defined() && x.ndim() == 2 && x.size(1) == D_, "Norm '", weight_.name, "': expected x (rows, ", D_,
             "), got ", x.desc());

@@ -94,7 +94,7 @@ Tensor SharedExperts::forward(const Tensor& x, ActivationStore& store) {
   Tensor h = fc1(x);      // (T·tp, F1)
   Tensor a = act_fwd(h);  // (T·tp, F)
   Tensor y = fc2(a);      // (T, H)
-  store.save(s_x, x);
+  store.save(s_x, x, {}, SaveOwner::caller);  // the layer's input: offloading it would free nothing
   store.save(s_h, h, [fc1, &store, s_x] { return fc1(store.get(s_x)); });
   store.save(s_a, a, [act_fwd, &store, s_h] { return act_fwd(store.get(s_h)); });
   if (!has_gate_) return y;

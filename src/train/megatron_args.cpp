@@ -341,10 +341,15 @@ std::vector<FlagDef> special_flags() {
   add(string_flag("load", [](TrainingArgs& a, const std::string& v) { a.load = v; }));
   add(int_flag("save-interval", [](TrainingArgs& a, int64_t v) { a.save_interval = v; }));
   add(switch_flag("finetune", [](State& s) { s.a.finetune = true; }));
+  add(switch_flag("check-for-nan-in-loss-and-grad", [](State& s) { s.a.check_for_nan_in_loss_and_grad = true; }));
+  add(switch_flag("no-check-for-nan-in-loss-and-grad",
+                  [](State& s) { s.a.check_for_nan_in_loss_and_grad = false; }));
   add(switch_flag("no-load-optim", [](State& s) { s.a.no_load_optim = true; }));
   add(switch_flag("no-load-rng", [](State& s) { s.a.no_load_rng = true; }));
   add(switch_flag("no-save-optim", [](State& s) { s.a.no_save_optim = true; }));
   add(switch_flag("no-save-rng", [](State& s) { s.a.no_save_rng = true; }));
+  // Print each stage's estimated memory per rank (moecore/memory.h) and exit without training.
+  add(switch_flag("estimate-memory", [](State& s) { s.a.estimate_memory = true; }));
   for (const char* n : {"persistent-save-interval", "pretrained-checkpoint", "ckpt-format",
                         "ckpt-step", "async-save", "auto-detect-ckpt-format", "use-checkpoint-args",
                         "exit-on-missing-checkpoint", "non-persistent-save-interval", "moe-use-upcycling",
@@ -392,7 +397,7 @@ std::vector<FlagDef> special_flags() {
                         "decoupled-min-lr", "optimizer-cpu-offload", "distribute-saved-activations",
                         "moe-apply-probs-on-input", "moe-latent-size", "moe-router-force-load-balancing",
                         "moe-router-padding-for-fp8", "moe-router-padding-for-quantization", "deterministic-mode",
-                        "check-for-nan-in-loss-and-grad", "no-check-for-nan-in-loss-and-grad", "log-params-norm",
+                        "log-params-norm",
                         "log-num-zeros-in-grad", "log-progress", "timing-log-level", "timing-log-option",
                         "exit-interval", "exit-duration-in-mins", "exit-signal-handler", "empty-unused-memory-level"})
     add(refused(n, kNotImplemented));
@@ -403,8 +408,12 @@ std::vector<FlagDef> special_flags() {
   for (const char* n : {"encoder-num-layers", "decoder-num-layers"}) add(refused(n, "use --num-layers"));
   for (const char* n : {"encoder-seq-length", "decoder-seq-length"}) add(refused(n, "use --seq-length"));
   add(refused("warmup", "use --lr-warmup-iters or --lr-warmup-fraction"));
-  add(refused("recompute-activations", "use --recompute-granularity selective with --recompute-modules"));
-  add(refused("moe-layer-recompute", "use --recompute-granularity selective --recompute-modules moe"));
+  // Megatron's older spellings of selective recompute (docs/memory.md), applied in finish().
+  add({"recompute-activations", Arity::none, K::alias, "recompute-activations", "recompute_granularity = selective",
+       [](State&, const std::string&, const std::vector<std::string>&) {}});
+  add({"moe-layer-recompute", Arity::none, K::alias, "moe-layer-recompute",
+       "recompute_granularity = selective, recompute_modules += moe",
+       [](State&, const std::string&, const std::vector<std::string>&) {}});
   add(refused("moe-router-topk-limited-devices", "use --moe-router-num-groups with --moe-router-group-topk"));
   for (const char* n : {"cpu-offloading", "cpu-offloading-num-layers"})
     add(refused(n, "use --fine-grained-activation-offloading with --offload-modules"));
@@ -515,6 +524,18 @@ void finish(State& s) {
     m.activation_func = "silu";
   }
   if (squared) m.activation_func = "relu2";
+
+  // Megatron's older recompute switches: --recompute-activations is selective recompute (its
+  // default module core_attn); --moe-layer-recompute is selective with moe (refused with full).
+  if (s.has("moe-layer-recompute")) {
+    MOE_CHECK(m.recompute_granularity != "full",
+              "--moe-layer-recompute with --recompute-granularity full: Megatron refuses it (do not set "
+              "--moe-layer-recompute with full recompute granularity)");
+    m.recompute_granularity = "selective";
+    if (std::find(m.recompute_modules.begin(), m.recompute_modules.end(), "moe") == m.recompute_modules.end())
+      m.recompute_modules.push_back("moe");
+  }
+  if (s.has("recompute-activations")) m.recompute_granularity = "selective";
 
   // Grouped-query attention: Megatron reads --num-query-groups only with --group-query-attention,
   // whose argparse default is 1.

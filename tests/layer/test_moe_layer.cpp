@@ -206,6 +206,7 @@ TEST_P(LayerCases, SlotPoliciesAreBitIdentical) {
   MoEConfig oc = c;
   oc.fine_grained_activation_offloading = true;
   oc.offload_modules = {"expert_fc1", "moe_act"};
+  oc.min_offloaded_tensor_size = 0;  // tiny shapes (Megatron's default skips tensors under 1M elements)
   run(oc, offload);
   ASSERT_EQ(keep.size(), recompute.size());
   for (size_t i = 0; i < keep.size(); ++i) {
@@ -292,6 +293,7 @@ TEST(MoELayer, RecomputeAndOffloadReduceSavedDeviceBytes) {
   MoEConfig oc = c;
   oc.fine_grained_activation_offloading = true;
   oc.offload_modules = {"expert_fc1", "moe_act"};
+  oc.min_offloaded_tensor_size = 0;  // tiny shapes (Megatron's default skips tensors under 1M elements)
   auto [of_dev, of_host] = saved(oc);
   EXPECT_EQ(keep_host, 0);
   EXPECT_LT(rc_dev, keep_dev);

@@ -257,6 +257,21 @@ TEST(ConfigJson, RejectsNonObjectsDuplicatesAndBadSyntax) {
   EXPECT_TRUE(contains_all(error_of([] { config_from_json(""); }), {"not valid JSON"}));
 }
 
+// Found by tests/fuzz/fuzz_config: nlohmann reports a number too large for a double as out_of_range
+// (not parse_error), which escaped as a nlohmann exception; deep nesting is refused before nlohmann's
+// recursive copy / dump could overflow the stack.
+TEST(ConfigJson, NumberOverflowAndDeepNestingAreMoeErrors) {
+  EXPECT_TRUE(contains_all(error_of([] { config_from_json(R"({"hidden_size": 1e400})", "c.json"); }),
+                           {"c.json", "not valid JSON", "1e400"}));
+  EXPECT_TRUE(contains_all(error_of([] { config_from_json(R"({"moe_aux_loss_coeff": [-1e999]})", "d.json"); }),
+                           {"d.json", "not valid JSON"}));
+  const std::string deep = std::string(100000, '[') + std::string(100000, ']');
+  EXPECT_TRUE(contains_all(error_of([&] { config_from_json(deep, "e.json"); }), {"e.json", "nested deeper than 512"}));
+  const std::string ok = "{\"x\": " + std::string(500, '[') + std::string(500, ']') + "}";
+  EXPECT_TRUE(contains_all(error_of([&] { config_from_json(ok, "f.json"); }), {"f.json", "'x'"}))
+      << "500 levels parse; the unknown key is what is refused";
+}
+
 // ---- files ------------------------------------------------------------------------------------------
 
 class ConfigFile : public ::testing::Test {
@@ -542,16 +557,22 @@ TEST(Validate, EveryRuleRejectsNamingKeyAndValue) {
        {"sequence_parallel = false with tensor_model_parallel_size = 2 is not supported", "sequence-parallel"}},
       {"recompute granularity", [](MoEConfig& c) { c.recompute_granularity = "block"; },
        {"recompute_granularity", "'block'", "'selective'"}},
-      {"full recompute", [](MoEConfig& c) { c.recompute_granularity = "full"; },
-       {"recompute_granularity = 'full' is not supported", "full-layer recompute is not implemented", "selective"}},
+      {"full recompute without a method", [](MoEConfig& c) { c.recompute_granularity = "full"; },
+       {"recompute_granularity = 'full' needs recompute_method", "'uniform'", "'block'"}},
+      {"full recompute without a layer count",
+       [](MoEConfig& c) {
+         c.recompute_granularity = "full";
+         c.recompute_method = "uniform";
+       },
+       {"recompute_granularity = 'full' needs recompute_num_layers"}},
       {"recompute method value", [](MoEConfig& c) { c.recompute_method = "every"; },
        {"recompute_method", "'every'", "'uniform'", "'block'"}},
       {"recompute method", [](MoEConfig& c) { c.recompute_method = "uniform"; },
-       {"recompute_method = 'uniform' is not supported", "'full'", "not implemented"}},
+       {"recompute_method = 'uniform' needs recompute_granularity = 'full'"}},
       {"recompute num layers < 1", [](MoEConfig& c) { c.recompute_num_layers = 0; },
        {"recompute_num_layers", ">= 1", "0"}},
       {"recompute num layers", [](MoEConfig& c) { c.recompute_num_layers = 4; },
-       {"recompute_num_layers = 4 is not supported", "not implemented"}},
+       {"recompute_num_layers = 4 needs recompute_granularity = 'full'"}},
       {"recompute module", [](MoEConfig& c) { c.recompute_modules = {"moe_act", "attention"}; },
        {"recompute_modules", "'attention'", "'shared_experts'"}},
       {"offload module",

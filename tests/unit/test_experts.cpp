@@ -483,7 +483,8 @@ TEST(SharedExperts, SlotPoliciesGiveBitIdenticalResultsAndSaveMemory) {
     std::vector<std::pair<std::string, SavePolicy>> rules;
     int64_t device_bytes;
   };
-  for (Case k : {Case{{{P, R}}, bx}, Case{{{P, O}}, 0}, Case{{{P + "fc1_output", R}}, bx + ba + bg + by},
+  // Offload keeps fc1_input: it is the caller's x (offloading it would free nothing).
+  for (Case k : {Case{{{P, R}}, bx}, Case{{{P, O}}, bx}, Case{{{P + "fc1_output", R}}, bx + ba + bg + by},
                  Case{{{P + "act_output", O}, {P + "gate", R}}, bx + bh + by},
                  Case{{{P + "fc2_output", R}, {P + "fc1_output", O}}, bx + ba + bg}}) {
     int64_t dev = 0, regen = 0;

@@ -313,6 +313,24 @@ TEST(MegatronArgs, SpaceSeparatedLists) {
   Parsed c = parse(with(base_argv(), {"--moe-router-load-balancing-type", "aux_loss,seq_aux_loss",
                                       "--moe-aux-loss-coeff", "1e-2,1e-3"}));
   EXPECT_EQ(c.model.moe_aux_loss_coeff, (std::vector<double>{1e-2, 1e-3}));
+  // Full recompute and fine-grained offloading (docs/memory.md).
+  Parsed f = parse(with(base_argv(), {"--recompute-granularity", "full", "--recompute-method", "uniform",
+                                      "--recompute-num-layers", "1", "--fine-grained-activation-offloading",
+                                      "--offload-modules", "attn_norm", "expert_fc1", "--min-offloaded-tensor-size",
+                                      "4096"}));
+  EXPECT_EQ(f.model.recompute_method, std::optional<std::string>("uniform"));
+  EXPECT_EQ(f.model.recompute_num_layers, std::optional<int64_t>(1));
+  EXPECT_TRUE(f.model.fine_grained_activation_offloading);
+  EXPECT_EQ(f.model.offload_modules, (Argv{"attn_norm", "expert_fc1"}));
+  EXPECT_EQ(f.model.min_offloaded_tensor_size, 4096);
+  // Megatron's older switches: selective recompute (core_attn by default), and selective + moe.
+  EXPECT_EQ(parse(with(base_argv(), {"--recompute-activations"})).model.recompute_granularity, "selective");
+  Parsed ml = parse(with(base_argv(), {"--moe-layer-recompute", "--recompute-modules", "moe_act"}));
+  EXPECT_EQ(ml.model.recompute_granularity, "selective");
+  EXPECT_EQ(ml.model.recompute_modules, (Argv{"moe_act", "moe"}));
+  EXPECT_TRUE(contains_all(parse_error(with(base_argv(), {"--moe-layer-recompute", "--recompute-granularity", "full",
+                                                          "--recompute-method", "block", "--recompute-num-layers", "1"})),
+                           {"--moe-layer-recompute with --recompute-granularity full"}));
   EXPECT_TRUE(contains_all(parse_error(with(base_argv(), {"--moe-router-load-balancing-type", "aux_loss",
                                                           "seq_aux_loss", "--moe-aux-loss-coeff", "1", "2", "3"})),
                            {"moe_aux_loss_coeff", "got 3 values"}));
@@ -493,7 +511,6 @@ TEST(MegatronArgs, RefusedByNameWithTheReason) {
       {{"--use-torch-fsdp2"}, {"FSDP"}},
       {{"--tp-comm-overlap"}, {"overlap is not implemented"}},
       {{"--log-throughput"}, {"tokens per second per GPU"}},
-      {{"--recompute-activations"}, {"--recompute-granularity selective"}},
       {{"--distributed-timeout-minutes", "5"}, {"MOE_COMM_TIMEOUT_S"}},
       {{"--mock-data"}, {"--data-path"}},
   };
@@ -502,9 +519,10 @@ TEST(MegatronArgs, RefusedByNameWithTheReason) {
   // Refused values of config keys: validate() says why.
   const std::vector<Case> values = {
       {{"--moe-token-dispatcher-type", "flex"}, {"'flex' is not supported", "DeepEP"}},
-      {{"--recompute-granularity", "full"}, {"recompute_granularity = 'full' is not supported"}},
-      {{"--recompute-method", "uniform"}, {"recompute_method = 'uniform' is not supported"}},
-      {{"--recompute-num-layers", "1"}, {"recompute_num_layers = 1 is not supported"}},
+      // Megatron's rules for full recompute (docs/memory.md).
+      {{"--recompute-granularity", "full"}, {"recompute_granularity = 'full' needs recompute_method"}},
+      {{"--recompute-method", "uniform"}, {"recompute_method = 'uniform' needs recompute_granularity = 'full'"}},
+      {{"--recompute-num-layers", "1"}, {"recompute_num_layers = 1 needs recompute_granularity = 'full'"}},
       {{"--moe-shared-expert-intermediate-size", "16", "--moe-shared-expert-overlap"},
        {"moe_shared_expert_overlap = true is not supported", "side stream"}},
       {{"--tensor-model-parallel-size", "2", "--sequence-parallel", "false"},

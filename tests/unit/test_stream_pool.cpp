@@ -178,3 +178,22 @@ TEST(ActivationStoreOffload, ReloadReleasesThePinnedSourceAfterItsCopy) {
   moved.clear();
   EXPECT_EQ(cpu.memory_stats().pinned_current_bytes, pinned0);
 }
+
+// The device→host copy of an offload is asynchronous where the back end allows it: the manager
+// holds the source until the copy's event completed. On the CPU the copy ran inline, so nothing is
+// held once save returns, the caller's tensor is the only owner, and the reload is bit-exact.
+TEST(ActivationStoreOffload, SaveHoldsTheDeviceSourceOnlyWhileItsCopyRuns) {
+  auto mgr = std::make_shared<OffloadManager>();
+  ActivationStore store;
+  store.set_offload_manager(mgr);
+  store.set_policy("u", SavePolicy::offload);
+  Tensor u = test::randn({64, 33}, DType::f32, 6);
+  const Tensor copy = u.clone();
+  store.save("u", u);
+  EXPECT_EQ(store.saved_policy("u"), SavePolicy::offload);
+  EXPECT_EQ(mgr->stats().in_flight, 0) << "the CPU's copy completed inline: no source held";
+  u = Tensor();  // the caller drops its tensor at once, as the modules do
+  EXPECT_TRUE(test::bit_equal(store.get("u"), copy));
+  store.clear();
+  EXPECT_EQ(mgr->stats().in_flight, 0);
+}

@@ -451,6 +451,14 @@ class CudaBackend final : public Backend {
     }
   }
 
+  // No synchronisation, no host sync counted: the offload manager orders the readers of dst with
+  // an event and keeps src alive until that event completed.
+  void copy_to_pinned_async(void* dst, const void* src, size_t bytes) override {
+    if (bytes == 0) return;
+    DeviceGuard g(index_);
+    MOE_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, current_->get()));
+  }
+
   void memset_zero(void* ptr, size_t bytes) override {
     if (bytes == 0) return;
     DeviceGuard g(index_);

@@ -3,6 +3,9 @@
 include(GoogleTest)
 
 set(MOE_TEST_ENV "OMP_NUM_THREADS=1;OPENBLAS_NUM_THREADS=1;MOE_NUM_THREADS=1;MOE_LOG_LEVEL=warn")
+find_program(MOE_ENV_PROGRAM env REQUIRED)
+# Sanitizer builds: runtime options and suppression files (cmake/MoeSanitizers.cmake; empty otherwise).
+list(APPEND MOE_TEST_ENV ${MOE_SANITIZER_ENV})
 set(MOE_MPI_ENV "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1;OMPI_MCA_rmaps_base_oversubscribe=1;OMPI_MCA_btl_vader_single_copy_mechanism=none")
 
 # moe_add_gtest(<name> SOURCES <files...> LABELS <labels...>): one GoogleTest executable whose
@@ -12,8 +15,13 @@ function(moe_add_gtest name)
   add_executable(${name} ${ARG_SOURCES})
   target_link_libraries(${name} PRIVATE moe_test_support GTest::gtest_main)
   moe_set_warnings(${name})
+  # gtest_discover_tests flattens list-valued PROPERTIES (CMake 3.25 writes `ENVIRONMENT a b c`, so
+  # only the first variable was set and the rest became bogus property names): the environment goes
+  # through the test command instead, `env VAR=value ... <test>`, for discovery and every test. For
+  # the same reason a gtest executable takes one label.
+  set_property(TARGET ${name} PROPERTY CROSSCOMPILING_EMULATOR ${MOE_ENV_PROGRAM} ${MOE_TEST_ENV})
   gtest_discover_tests(${name} DISCOVERY_MODE PRE_TEST DISCOVERY_TIMEOUT 120
-    PROPERTIES LABELS "${ARG_LABELS}" ENVIRONMENT "${MOE_TEST_ENV}" TIMEOUT 600)
+    PROPERTIES LABELS "${ARG_LABELS}" TIMEOUT 600)
 endfunction()
 
 # moe_add_gpu_test(<name> SOURCES <files...>): a GoogleTest executable with a main that exits 77

@@ -16,6 +16,7 @@ enum class ErrorCode {
   communication,     // MPI / NCCL failures and timeouts
   io,                // file system errors
   internal,          // a broken invariant: a bug in libmoecore
+  non_finite,        // a NaN or Inf where a finite number was required (MOE_SANITIZE, the trainer's checks)
 };
 
 const char* error_code_name(ErrorCode code);

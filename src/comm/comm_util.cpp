@@ -265,10 +265,11 @@ void Communicator::batch_send_recv(const std::vector<P2POp>&) {
 
 namespace moe::comm {
 
-[[noreturn]] void throw_timeout(const Communicator& c, const char* op, const char* phase, double seconds) {
+[[noreturn]] void throw_timeout(const Communicator& c, const char* op, const char* phase, double seconds,
+                                const std::string& detail) {
   std::ostringstream os;
   os << op << " on " << group_desc(c) << " timed out after " << seconds << " s waiting for peers (phase: " << phase
-     << "; MOE_COMM_TIMEOUT_S=" << timeout_seconds() << ")";
+     << "; MOE_COMM_TIMEOUT_S=" << timeout_seconds() << (detail.empty() ? "" : "; ") << detail << ")";
   throw Error(ErrorCode::communication, os.str());
 }
 

@@ -60,7 +60,9 @@ std::vector<int64_t> row_offsets(const std::vector<int64_t>& rows, int64_t* tota
 bool overlaps(const Tensor& a, const Tensor& b);
 
 // Throws moe::Error(communication): "<op> on group 'g' (rank r of n) timed out after <s> s waiting
-// for peers (phase: <phase>)".
-[[noreturn]] void throw_timeout(const Communicator& c, const char* op, const char* phase, double seconds);
+// for peers (phase: <phase>; MOE_COMM_TIMEOUT_S=<s>[; <detail>])". `detail` says which peers were
+// silent where the backend can tell.
+[[noreturn]] void throw_timeout(const Communicator& c, const char* op, const char* phase, double seconds,
+                                const std::string& detail = "");
 
 }  // namespace moe::comm

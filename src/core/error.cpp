@@ -24,6 +24,7 @@ const char* error_code_name(ErrorCode code) {
     case ErrorCode::communication: return "communication error";
     case ErrorCode::io: return "I/O error";
     case ErrorCode::internal: return "internal error";
+    case ErrorCode::non_finite: return "non-finite value";
   }
   return "error";
 }

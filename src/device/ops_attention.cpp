@@ -77,6 +77,7 @@ void attention_fwd(double scale, const Tensor& q_pos, const Tensor& k_pos, const
   a.o = o.data();
   a.lse = lse.data();
   need(table(q.device()).attn_fwd, q.device(), op)(a, exec_ctx(q.device()));
+  sanitize::check_op(op, {{"o", &o}, {"lse", &lse}}, {{"q", &q}, {"k", &k}, {"v", &v}});
 }
 
 void attention_bwd(double scale, const Tensor& q_pos, const Tensor& k_pos, const Tensor& q, const Tensor& k,
@@ -112,6 +113,7 @@ void attention_bwd(double scale, const Tensor& q_pos, const Tensor& k_pos, const
   a.dk = dk.data();
   a.dv = dv.data();
   need(table(q.device()).attn_bwd, q.device(), op)(a, exec_ctx(q.device()));
+  sanitize::check_op(op, {{"dq", &dq}, {"dk", &dk}, {"dv", &dv}}, {{"q", &q}, {"k", &k}, {"v", &v}, {"dout", &dout}});
 }
 
 }  // namespace moe::ops

@@ -79,6 +79,7 @@ void norm_fwd(NormKind kind, double eps, const Tensor& x, const Tensor& weight, 
   a.mean = present(mean) ? mean->data() : nullptr;
   a.rstd = rstd.data();
   need(table(x.device()).norm_fwd, x.device(), op)(a, exec_ctx(x.device()));
+  sanitize::check_op(op, {{"y", &y}}, {{"x", &x}, {"weight", &weight}, {"bias", bias}});
 }
 
 void norm_bwd(NormKind kind, const Tensor& x, const Tensor& weight, const Tensor* mean, const Tensor& rstd,
@@ -117,6 +118,7 @@ void norm_bwd(NormKind kind, const Tensor& x, const Tensor& weight, const Tensor
   a.dweight = dweight.data();
   a.dbias = present(dbias) ? dbias->data() : nullptr;
   need(table(x.device()).norm_bwd, x.device(), op)(a, exec_ctx(x.device()));
+  sanitize::check_op(op, {{"dx", &dx}, {"dweight", &dweight}, {"dbias", dbias}}, {{"x", &x}, {"weight", &weight}, {"dy", &dy}});
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -144,6 +146,7 @@ void rope(const Tensor& positions, int64_t rd, double base, bool inverse, const 
   a.x = x.data();
   a.y = y.data();
   need(table(x.device()).rope, x.device(), op)(a, exec_ctx(x.device()));
+  sanitize::check_op(op, {{"y", &y}}, {{"x", &x}});
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -169,6 +172,7 @@ void embedding_fwd(const Tensor& ids, const Tensor& table_, int64_t vocab_start,
   a.table = table_.data();
   a.out = out.data();
   need(table(table_.device()).embedding_fwd, table_.device(), op)(a, exec_ctx(table_.device()));
+  sanitize::check_op(op, {{"out", &out}}, {{"table", &table_}});
 }
 
 void embedding_bwd(const Tensor& ids, const Tensor& dout, int64_t vocab_start, Tensor& dtable) {
@@ -192,6 +196,7 @@ void embedding_bwd(const Tensor& ids, const Tensor& dout, int64_t vocab_start, T
   a.dout = dout.data();
   a.dtable = dtable.data();
   need(table(dtable.device()).embedding_bwd, dtable.device(), op)(a, exec_ctx(dtable.device()));
+  sanitize::check_op(op, {{"dtable", &dtable}}, {{"dout", &dout}});
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -217,6 +222,7 @@ void xent_max(const Tensor& logits, Tensor& row_max) {
   a.logits = logits.data();
   a.row_max = row_max.data();
   need(table(logits.device()).xent_max, logits.device(), op)(a, exec_ctx(logits.device()));
+  sanitize::check_op(op, {{"row_max", &row_max}}, {{"logits", &logits}});
 }
 
 void xent_sum(const Tensor& logits, const Tensor& labels, int64_t vocab_start, const Tensor& row_max, Tensor& sum_exp,
@@ -240,6 +246,7 @@ void xent_sum(const Tensor& logits, const Tensor& labels, int64_t vocab_start, c
   a.sum_exp = sum_exp.data();
   a.target = target.data();
   need(table(logits.device()).xent_sum, logits.device(), op)(a, exec_ctx(logits.device()));
+  sanitize::check_op(op, {{"sum_exp", &sum_exp}, {"target", &target}}, {{"logits", &logits}});
 }
 
 void xent_bwd(const Tensor& logits, const Tensor& labels, int64_t vocab_start, const Tensor& row_max,
@@ -265,6 +272,7 @@ void xent_bwd(const Tensor& logits, const Tensor& labels, int64_t vocab_start, c
   a.grad = grad.data();
   a.dlogits = dlogits.data();
   need(table(logits.device()).xent_bwd, logits.device(), op)(a, exec_ctx(logits.device()));
+  sanitize::check_op(op, {{"dlogits", &dlogits}}, {{"grad", &grad}});
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -31,7 +31,14 @@ int64_t Box::numel() const {
 std::string Box::str() const {
   std::ostringstream os;
   os << "[";
-  for (size_t d = 0; d < off.size(); ++d) os << (d ? ", " : "") << off[d] << ":" << off[d] + len[d];
+  for (size_t d = 0; d < off.size(); ++d) {
+    int64_t end = 0;  // a box read from a corrupt index may not have an end that fits
+    os << (d ? ", " : "") << off[d] << ":";
+    if (d < len.size() && !__builtin_add_overflow(off[d], len[d], &end))
+      os << end;
+    else
+      os << "(+" << (d < len.size() ? std::to_string(len[d]) : std::string("?")) << ")";
+  }
   os << "]";
   return os.str();
 }
@@ -446,7 +453,8 @@ Index read_index(const std::string& dir, std::optional<int64_t> iteration) {
   json j = parse_json_strict(text, "checkpoint index '" + path + "'", &dup);
   MOE_CHECK(dup.empty(), "checkpoint index '", path, "': key '", dup, "' appears twice");
   MOE_CHECK(j.is_object(), "checkpoint index '", path, "' must be a JSON object");
-  MOE_CHECK(j.value("format", std::string()) == kFormat, "checkpoint index '", path, "': format must be '", kFormat,
+  MOE_CHECK(j.contains("format") && j.at("format").is_string() && j.at("format").get<std::string>() == kFormat,
+            "checkpoint index '", path, "': format must be '", kFormat,
             "', got ", j.contains("format") ? j.at("format").dump() : std::string("nothing"));
   const int64_t version = get_int(j, "version", path);
   MOE_CHECK(version == kVersion, "checkpoint index '", path, "': version ", version, " is not supported (expected ",
@@ -470,6 +478,11 @@ Index read_index(const std::string& dir, std::optional<int64_t> iteration) {
     t.param = get_str(info, "param", where);
     t.shape = get_ints(info, "shape", where);
     t.dtype = st_dtype_from_name(get_str(info, "dtype", where), where);
+    // Every element count and byte count below fits an int64 once the whole tensor's does.
+    int64_t tensor_bytes = static_cast<int64_t>(dtype_size(t.dtype));
+    for (int64_t d : t.shape)
+      MOE_CHECK(!__builtin_mul_overflow(tensor_bytes, d, &tensor_bytes), where, ": shape ", shape_str(t.shape),
+                " has more bytes than a 64-bit count holds");
     MOE_CHECK(info.contains("slices") && info.at("slices").is_array(), where, ": 'slices' must be a list");
     int64_t covered = 0;
     for (const json& s : info.at("slices")) {
@@ -486,7 +499,8 @@ Index read_index(const std::string& dir, std::optional<int64_t> iteration) {
       MOE_CHECK(r.box.off.size() == t.shape.size() && r.box.len.size() == t.shape.size(), where, ": slice '", r.key,
                 "' has ", r.box.off.size(), " offsets and ", r.box.len.size(), " lengths for shape ", shape_str(t.shape));
       for (size_t d = 0; d < t.shape.size(); ++d)
-        MOE_CHECK(r.box.off[d] + r.box.len[d] <= t.shape[d], where, ": slice ", r.box.str(), " leaves shape ",
+        MOE_CHECK(r.box.off[d] <= t.shape[d] && r.box.len[d] <= t.shape[d] - r.box.off[d], where, ": slice ",
+                  r.box.str(), " leaves shape ",
                   shape_str(t.shape));
       MOE_CHECK(r.data_end - r.data_begin == static_cast<uint64_t>(r.box.numel()) * dtype_size(t.dtype), where,
                 ": slice ", r.box.str(), " spans ", r.data_end - r.data_begin, " bytes, expected ",
@@ -505,6 +519,28 @@ Index read_index(const std::string& dir, std::optional<int64_t> iteration) {
   }
   for (const char* k : {"training_state", "optimizer", "config", "layout"})
     MOE_CHECK(j.contains(k) && j.at(k).is_object(), "checkpoint index '", path, "': '", k, "' must be an object");
+  // The fields the loader reads with defaults must have their type when present (nlohmann's value()
+  // would throw its own type_error instead of an error naming the index and the field).
+  auto field = [&](const char* obj, const char* key, bool ok, const char* expected) {
+    MOE_CHECK(ok, "checkpoint index '", path, "': '", obj, ".", key, "' must be ", expected, ", got ",
+              j.at(obj).at(key).dump());
+  };
+  auto typed = [&](const char* obj, const char* key, auto is) {
+    const json& o = j.at(obj);
+    return !o.contains(key) || is(o.at(key));
+  };
+  const auto is_bool = [](const json& v) { return v.is_boolean(); };
+  const auto is_int = [](const json& v) { return v.is_number_integer(); };
+  const auto is_str = [](const json& v) { return v.is_string(); };
+  field("optimizer", "state_saved", typed("optimizer", "state_saved", is_bool), "true or false");
+  field("optimizer", "optimizer", typed("optimizer", "optimizer", is_str), "a string");
+  field("optimizer", "iteration", typed("optimizer", "iteration", is_int), "an integer");
+  field("optimizer", "skipped_iterations", typed("optimizer", "skipped_iterations", is_int), "an integer");
+  field("layout", "world_size", typed("layout", "world_size", is_int), "an integer");
+  if (j.contains("rng")) {
+    MOE_CHECK(j.at("rng").is_object(), "checkpoint index '", path, "': 'rng' must be an object");
+    field("rng", "saved", typed("rng", "saved", is_bool), "true or false");
+  }
   ix.training_state = j.at("training_state");
   ix.optimizer = j.at("optimizer");
   ix.config = j.at("config");
@@ -555,11 +591,20 @@ TrainingState state_from_json(const json& ts, const json& rng, int rank) {
   s.seed = ts.at("seed").get<uint64_t>();
   if (ts.contains("scheduler") && ts.at("scheduler").is_object()) {
     const json& sc = ts.at("scheduler");
-    s.scheduler.num_steps = sc.value("num_steps", 0.0);
-    s.scheduler.max_lr = sc.value("max_lr", 0.0);
-    s.scheduler.min_lr = sc.value("min_lr", 0.0);
-    s.scheduler.warmup_steps = sc.value("warmup_steps", 0.0);
-    s.scheduler.decay_steps = sc.value("decay_steps", 0.0);
+    // Absent fields default; present ones must have their type (nlohmann's value() would throw its
+    // own type_error, not a moe::Error naming the field).
+    auto number = [&](const char* key) {
+      MOE_CHECK(!sc.contains(key) || sc.at(key).is_number(), where, ": scheduler '", key, "' must be a number, got ",
+                sc.contains(key) ? sc.at(key).dump() : std::string());
+      return sc.value(key, 0.0);
+    };
+    s.scheduler.num_steps = number("num_steps");
+    s.scheduler.max_lr = number("max_lr");
+    s.scheduler.min_lr = number("min_lr");
+    s.scheduler.warmup_steps = number("warmup_steps");
+    s.scheduler.decay_steps = number("decay_steps");
+    MOE_CHECK(!sc.contains("decay_style") || sc.at("decay_style").is_string(), where,
+              ": scheduler 'decay_style' must be a string, got ", sc.value("decay_style", json()).dump());
     s.scheduler.decay_style = sc.value("decay_style", std::string());
   }
   s.extra_json = ts.contains("extra") ? ts.at("extra").dump() : "{}";
@@ -615,7 +660,7 @@ std::vector<char> ShardFile::read(const SliceRec& s, const TensorRec& t) {
   MOE_CHECK(header_.contains(s.key) && header_.at(s.key).is_object(), where, ": the file has no entry '", s.key,
             "' (the index and the file disagree)");
   const json& e = header_.at(s.key);
-  const std::string dt = e.value("dtype", std::string());
+  const std::string dt = e.contains("dtype") && e.at("dtype").is_string() ? e.at("dtype").get<std::string>() : "?";
   MOE_CHECK(dt == st_dtype_name(t.dtype), where, ": dtype ", dt, " in the file, ", st_dtype_name(t.dtype),
             " in the index");
   std::vector<int64_t> shape;

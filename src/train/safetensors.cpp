@@ -254,16 +254,33 @@ SafetensorsFile load_safetensors(const std::string& path) {
     entries.push_back(parse_entry(name, info, buffer_bytes, path));
   }
 
-  // File order; no two non-empty ranges may share a byte (holes between them are allowed).
-  std::sort(entries.begin(), entries.end(),
-            [](const Entry& a, const Entry& b) { return a.begin != b.begin ? a.begin < b.begin : a.name < b.name; });
-  const Entry* last = nullptr;  // the non-empty range reaching furthest so far
+  // As the reference implementation (huggingface/safetensors, Metadata::validate): in offset order
+  // the tensors tile the data buffer exactly, each starting where the previous one ended, the first
+  // at byte 0 and the last ending at the end of the file: no overlap, no gap, no trailing bytes.
+  std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) {
+    return a.begin != b.begin ? a.begin < b.begin : a.end != b.end ? a.end < b.end : a.name < b.name;
+  });
+  uint64_t expected = 0;
+  const Entry* prev = nullptr;  // the tensor that ends at `expected`
   for (const Entry& e : entries) {
-    if (e.begin == e.end) continue;
-    MOE_CHECK(!last || e.begin >= last->end, "safetensors file '", path, "': tensor '", e.name, "' data_offsets [",
-              e.begin, ", ", e.end, "] overlap tensor '", last->name, "' [", last->begin, ", ", last->end, "]");
-    if (!last || e.end > last->end) last = &e;
+    const std::string after =
+        prev ? "right after tensor '" + prev->name + "' [" + std::to_string(prev->begin) + ", " +
+                   std::to_string(prev->end) + "]"
+             : std::string("at the start of the data buffer");
+    MOE_CHECK(e.begin >= expected, "safetensors file '", path, "': tensor '", e.name, "' data_offsets [", e.begin,
+              ", ", e.end, "] overlap tensor '", prev ? prev->name : std::string(), "' [", prev ? prev->begin : 0,
+              ", ", expected, "]: tensors must tile the data buffer without overlap");
+    MOE_CHECK(e.begin == expected, "safetensors file '", path, "': tensor '", e.name, "' data_offsets [", e.begin,
+              ", ", e.end, "] leave a gap: expected it to begin at byte ", expected, " (", after,
+              "), got ", e.begin, " (tensors must tile the data buffer without holes, as the reference reader "
+              "requires)");
+    expected = e.end;
+    prev = &e;
   }
+  MOE_CHECK(expected == buffer_bytes, "safetensors file '", path, "': trailing bytes: the tensors end at byte ",
+            expected, " of the data buffer, the file holds ", buffer_bytes, " data bytes (", buffer_bytes - expected,
+            " bytes after ", prev ? "tensor '" + prev->name + "'" : std::string("the header"),
+            "; the reference reader refuses a buffer its tensors do not cover exactly)");
 
   for (const Entry& e : entries) {
     Tensor t = Tensor::empty(e.shape, e.dtype, Device::cpu());

@@ -20,6 +20,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
+#include <functional>
+#include <limits>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <random>
@@ -429,6 +431,45 @@ TEST_F(CheckpointRefusal, HeaderDisagreesWithIndex) {
   ix.at("tensors").at("decoder.final_layernorm.weight").at("slices").at(0).at("crc32") = 12345;
   write_json(it + "/index.json", ix);
   EXPECT_TRUE(test::contains_all(load_error(), {"decoder.final_layernorm.weight", "CRC-32", "expected 12345"}));
+}
+
+// Found by tests/fuzz/fuzz_checkpoint_index (replaying hand-edited indexes, then kept in its corpus):
+// a field of the wrong type escaped as nlohmann's type_error, and a slice box whose end does not fit
+// an int64 overflowed (UBSan) in the bounds check and in the message naming it. Each is now a
+// moe::Error naming the index and the field.
+TEST_F(CheckpointRefusal, IndexFieldsOfTheWrongTypeOrOverflowingBoxes) {
+  const nlohmann::json good = read_json(it + "/index.json");
+  auto refusal = [&](const std::function<void(nlohmann::json&)>& edit) {
+    nlohmann::json ix = good;
+    edit(ix);
+    write_json(it + "/index.json", ix);
+    std::string reader = test::error_of([&] {
+      CheckpointReader r(dir);
+      for (const std::string& n : r.tensor_names()) (void)r.read(n);
+      (void)r.training_state();
+    });
+    return reader + " | " + load_error();
+  };
+  EXPECT_TRUE(test::contains_all(refusal([](nlohmann::json& ix) { ix["format"] = 5; }), {"index.json", "format must be"}));
+  EXPECT_TRUE(test::contains_all(refusal([](nlohmann::json& ix) { ix["optimizer"]["state_saved"] = "yes"; }),
+                                 {"index.json", "'optimizer.state_saved' must be true or false", "\"yes\""}));
+  EXPECT_TRUE(test::contains_all(refusal([](nlohmann::json& ix) { ix["layout"]["world_size"] = "1"; }),
+                                 {"'layout.world_size' must be an integer"}));
+  EXPECT_TRUE(test::contains_all(refusal([](nlohmann::json& ix) { ix["rng"]["saved"] = 1; }),
+                                 {"'rng.saved' must be true or false"}));
+  const std::string sched = refusal([](nlohmann::json& ix) { ix["training_state"]["scheduler"]["max_lr"] = "x"; });
+  EXPECT_TRUE(test::contains_all(sched, {"scheduler 'max_lr' must be a number", "\"x\""})) << sched;
+  const std::string box = refusal([](nlohmann::json& ix) {
+    ix.at("tensors").at("decoder.final_layernorm.weight").at("slices").at(0).at("offsets") =
+        std::vector<int64_t>{std::numeric_limits<int64_t>::max()};
+  });
+  EXPECT_TRUE(test::contains_all(box, {"decoder.final_layernorm.weight", "9223372036854775807:(+8)", "leaves shape (8,)"}))
+      << box;
+  const std::string huge = refusal([](nlohmann::json& ix) {
+    ix.at("tensors").at("decoder.final_layernorm.weight").at("shape") = std::vector<int64_t>{1ll << 62, 1ll << 62};
+  });
+  EXPECT_TRUE(test::contains_all(huge, {"decoder.final_layernorm.weight", "more bytes than a 64-bit count holds"}))
+      << huge;
 }
 
 TEST_F(CheckpointRefusal, AnotherModel) {

@@ -198,15 +198,57 @@ TEST_F(Safetensors, ReadsTheReferenceLayout) {
   EXPECT_EQ(f.at("mask").to_vector<uint8_t>(), m);
 }
 
-TEST_F(Safetensors, HolesBetweenTensorsAreAllowed) {
-  std::string header = R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]},)"
-                       R"("b":{"dtype":"U8","shape":[2],"data_offsets":[12,14]},)"
-                       R"("z":{"dtype":"I32","shape":[0],"data_offsets":[5,5]}})";
-  std::string data = std::string(4, 'x') + raw<float>({9.0f}) + std::string(4, 'y') + "\x01\x02" + "tail";
-  SafetensorsFile f = load_safetensors(write("holes.safetensors", file_bytes(header, data)));
+// As the reference reader (huggingface/safetensors Metadata::validate): in offset order the tensors
+// tile the data buffer exactly, from byte 0 to the end of the file. Empty tensors sit at a boundary.
+TEST_F(Safetensors, TensorsTileTheBufferExactly) {
+  std::string header = R"({"b":{"dtype":"U8","shape":[2],"data_offsets":[4,6]},)"
+                       R"("a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
+                       R"("z":{"dtype":"I32","shape":[0],"data_offsets":[4,4]},)"
+                       R"("e":{"dtype":"F64","shape":[0,3],"data_offsets":[6,6]}})";
+  std::string data = raw<float>({9.0f}) + "\x01\x02";
+  SafetensorsFile f = load_safetensors(write("tiled.safetensors", file_bytes(header, data)));
+  EXPECT_EQ(f.names, (std::vector<std::string>{"a", "z", "b", "e"}));
   EXPECT_EQ(f.at("a").to_vector<float>(), std::vector<float>{9.0f});
   EXPECT_EQ(f.at("b").to_vector<uint8_t>(), (std::vector<uint8_t>{1, 2}));
   EXPECT_EQ(f.at("z").numel(), 0);
+  EXPECT_EQ(f.at("e").numel(), 0);
+}
+
+TEST_F(Safetensors, GapsAndTrailingBytesAreRefused) {
+  struct Case {
+    const char* what;
+    std::string header, data;
+    std::vector<std::string> parts;
+  };
+  const std::string a04 = R"("a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]})";
+  const std::vector<Case> cases = {
+      {"gap before the first tensor", R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})", std::string(8, 'x'),
+       {"tensor 'a'", "[4, 8]", "gap", "begin at byte 0", "at the start of the data buffer", "got 4"}},
+      {"gap between tensors", "{" + a04 + R"(,"b":{"dtype":"U8","shape":[2],"data_offsets":[8,10]}})",
+       std::string(10, 'x'), {"tensor 'b'", "[8, 10]", "gap", "begin at byte 4", "after tensor 'a' [0, 4]", "got 8"}},
+      {"empty tensor inside a gap", "{" + a04 + R"(,"z":{"dtype":"I32","shape":[0],"data_offsets":[6,6]}})",
+       std::string(6, 'x'), {"tensor 'z'", "[6, 6]", "begin at byte 4"}},
+      {"trailing bytes", "{" + a04 + "}", std::string(4, 'x') + "tail",
+       {"trailing bytes", "end at byte 4", "holds 8 data bytes", "4 bytes after tensor 'a'"}},
+      {"bytes and no tensor", "{}", "tail", {"trailing bytes", "end at byte 0", "holds 4 data bytes"}},
+  };
+  int i = 0;
+  for (const Case& c : cases) {
+    const std::string p = write("gap" + std::to_string(i++) + ".safetensors", file_bytes(c.header, c.data));
+    const std::string m = error_of([&] { load_safetensors(p); }, ErrorCode::invalid_argument);
+    EXPECT_TRUE(contains_all(m, c.parts)) << c.what << ": " << m;
+    EXPECT_NE(m.find(p), std::string::npos) << c.what << ": the message must name the file: " << m;
+  }
+}
+
+// Found by tests/fuzz/fuzz_safetensors: a number too large for a double in the header escaped as
+// nlohmann's out_of_range exception instead of a moe::Error naming the file.
+TEST_F(Safetensors, HeaderNumberOverflowAndDeepNestingAreRefused) {
+  const std::string p1 = write("overflow.safetensors",
+                               file_bytes(R"({"t":{"dtype":"F32","shape":[1e400],"data_offsets":[0,0]}})", ""));
+  EXPECT_TRUE(contains_all(error_of([&] { load_safetensors(p1); }), {p1, "not valid JSON", "1e400"}));
+  const std::string p2 = write("deep.safetensors", file_bytes("{\"t\":" + std::string(5000, '[') + "}", ""));
+  EXPECT_TRUE(contains_all(error_of([&] { load_safetensors(p2); }), {p2, "nested deeper than 512"}));
 }
 
 TEST_F(Safetensors, AtNamesTheFileAndListsNames) {

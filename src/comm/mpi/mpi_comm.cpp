@@ -3,8 +3,9 @@
 // The only file that includes mpi.h.
 //
 // Every collective is posted non-blocking (MPI_I*) and completed by a polling wait bounded by
-// MOE_COMM_TIMEOUT_S; a peer that never arrives makes the others throw a communication error that
-// names the world rank, the group, the op and the phase. Every MPI return code is checked (the
+// MOE_COMM_TIMEOUT_S; a peer that never arrives (stuck or dead) makes the others throw a communication
+// error that names the world rank, the group, the op, the phase and the peers that stayed silent
+// (silent_peers; docs/reliability.md). Every MPI return code is checked (the
 // communicators use MPI_ERRORS_RETURN). Rows move as derived datatypes of one row, so counts stay
 // within MPI's int even when the buffers exceed 2^31 bytes.
 #include <mpi.h>
@@ -16,6 +17,7 @@
 #include <cstring>
 #include <mutex>
 #include <numeric>
+#include <sstream>
 #include <thread>
 
 #include "comm/comm_util.h"
@@ -212,6 +214,8 @@ void narrow_into(const Tensor& f, Tensor& h) {
 
 // Tag of point-to-point transfers (collectives have their own matching context in MPI).
 constexpr int kP2PTag = 7301;
+// Tag of the notes ranks exchange after a timeout to find the silent peers (silent_peers).
+constexpr int kDiagTag = 7302;
 
 // The state a posted operation references until it completes: requests, count/displacement
 // arrays and the buffers. On a timeout it is kept (never freed) so MPI can never touch freed memory.
@@ -494,7 +498,7 @@ class MpiCommunicator final : public Communicator {
         broken_reason_ = std::string(op) + " timed out in phase " + phase;
         abandoned_.push_back(std::move(p));
         log_warn(std::string(op) + " on " + comm::group_desc(*this) + " timed out; the group is now unusable");
-        comm::throw_timeout(*this, op, phase, limit);
+        comm::throw_timeout(*this, op, phase, limit, silent_peers());
       }
       // Poll with yields (MPI only progresses inside MPI calls, so long sleeps throttle large
       // transfers); after 10 ms also nap 50 us every 16 polls so a wait for a slow peer leaves the
@@ -504,6 +508,63 @@ class MpiCommunicator final : public Communicator {
       else
         std::this_thread::yield();
     }
+  }
+
+  // After a timeout: which peers are silent? Each rank that timed out on this group sends a one-byte
+  // note to every peer and listens for theirs for a short grace period (peers that time out in the
+  // same operation do the same, a little earlier or later); a peer whose note does not arrive is
+  // dead or stuck elsewhere. Returns "silent: rank 3 (world rank 7); answered: ranks 0, 1, 2". The
+  // requests are abandoned with the group (it is unusable afterwards anyway).
+  std::string silent_peers() {
+    if (size_ == 1) return "";
+    const double grace = std::min(1.0, 0.2 * comm::timeout_seconds());
+    auto p = std::make_unique<Pending>();
+    Tensor note = Tensor::zeros({1}, DType::u8);                        // (1) u8
+    Tensor heard = Tensor::zeros({static_cast<int64_t>(size_)}, DType::u8);  // (size) u8
+    p->buffers = {note, heard};
+    std::vector<int> recv_of(static_cast<size_t>(size_), -1);           // peer -> index into reqs
+    auto* h = static_cast<uint8_t*>(heard.data());
+    for (int q = 0; q < size_; ++q) {
+      if (q == rank_) continue;
+      p->reqs.emplace_back();
+      if (MPI_Isend(note.data(), 1, MPI_BYTE, q, kDiagTag, comm_, &p->reqs.back()) != MPI_SUCCESS) p->reqs.pop_back();
+      p->reqs.emplace_back();
+      if (MPI_Irecv(h + q, 1, MPI_BYTE, q, kDiagTag, comm_, &p->reqs.back()) == MPI_SUCCESS)
+        recv_of[static_cast<size_t>(q)] = static_cast<int>(p->reqs.size() - 1);
+      else
+        p->reqs.pop_back();
+    }
+    std::vector<bool> answered(static_cast<size_t>(size_), false);
+    const auto t0 = std::chrono::steady_clock::now();
+    int missing = size_ - 1;
+    while (missing > 0 &&
+           std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() < grace) {
+      for (int q = 0; q < size_; ++q) {
+        const int i = recv_of[static_cast<size_t>(q)];
+        if (i < 0 || answered[static_cast<size_t>(q)]) continue;
+        int flag = 0;
+        if (MPI_Test(&p->reqs[static_cast<size_t>(i)], &flag, MPI_STATUS_IGNORE) == MPI_SUCCESS && flag) {
+          answered[static_cast<size_t>(q)] = true;
+          --missing;
+        }
+      }
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+    abandoned_.push_back(std::move(p));
+    std::ostringstream silent, heard_from;
+    for (int q = 0; q < size_; ++q) {
+      if (q == rank_) continue;
+      std::ostringstream& os = answered[static_cast<size_t>(q)] ? heard_from : silent;
+      os << (os.tellp() > 0 ? ", " : "") << "rank " << q << " (world rank " << world_ranks_[static_cast<size_t>(q)]
+         << ")";
+    }
+    std::ostringstream out;
+    if (silent.tellp() > 0)
+      out << "silent (dead, or not in this operation; no answer within " << grace << " s): " << silent.str();
+    else
+      out << "every peer answered afterwards (they were late, not dead)";
+    if (heard_from.tellp() > 0) out << "; timed out here too: " << heard_from.str();
+    return out.str();
   }
 
   void ibarrier(const char* op, const char* phase) {
@@ -642,3 +703,14 @@ int world_size() {
 }
 
 }  // namespace moe
+
+#if defined(__SANITIZE_ADDRESS__)
+// LeakSanitizer asks this at exit (sanitizer builds, docs/reliability.md): leak checking is off in a
+// process that initialised MPI. Open MPI keeps MPI_Init's allocations until exit, made from
+// components it has dlclose'd by then, so a suppression file cannot name them.
+extern "C" int __lsan_is_turned_off() {
+  int init = 0;
+  MPI_Initialized(&init);
+  return init ? 1 : 0;
+}
+#endif

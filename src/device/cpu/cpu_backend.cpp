@@ -10,6 +10,7 @@
 #include <new>
 #include <vector>
 
+#include "core/sanitize.h"
 #include "device/memory_counter.h"
 #include "kernels/cpu/cpu_kernels.h"
 #include "kernels/ops.h"
@@ -33,6 +34,21 @@ class CpuEvent final : public Event {
 };
 
 constexpr size_t kAlign = 64;
+
+int64_t limit_from_env() {
+  const char* v = std::getenv("MOE_MAX_DEVICE_BYTES");
+  if (!v || !*v) return 0;
+  char* end = nullptr;
+  const long long x = std::strtoll(v, &end, 10);
+  MOE_CHECK(end && *end == '\0' && x >= 0, "MOE_MAX_DEVICE_BYTES: expected a number of bytes >= 0 (0: no cap), got '",
+            v, "'");
+  return static_cast<int64_t>(x);
+}
+
+std::atomic<int64_t>& device_byte_limit() {
+  static std::atomic<int64_t> limit{limit_from_env()};
+  return limit;
+}
 
 // Large device blocks are cached after they are freed and handed out again for a request of the same
 // size class: a training step allocates the same sizes every step, and a block fresh from the OS
@@ -116,6 +132,10 @@ class CpuBackend final : public Backend {
   std::string name() const override { return "cpu"; }
 
   void* allocate(size_t bytes, MemoryKind kind) override {
+    const int64_t limit = device_byte_limit().load(std::memory_order_relaxed);
+    if (limit > 0 && kind == MemoryKind::device && device_.current() + static_cast<int64_t>(bytes) > limit)
+      MOE_THROW(ErrorCode::out_of_memory, "cpu allocator: ", bytes, " bytes asked would exceed the device limit of ",
+                limit, " bytes (MOE_MAX_DEVICE_BYTES; ", device_.current(), " bytes held) at ", sanitize::where_str());
     const bool cacheable = kind == MemoryKind::device && bytes >= BlockCache::kMinBytes;
     size_t rounded = cacheable ? BlockCache::size_class(bytes) : (bytes + kAlign - 1) / kAlign * kAlign;
     void* p = cacheable ? cache_.take(rounded) : nullptr;
@@ -129,8 +149,8 @@ class CpuBackend final : public Backend {
       p = std::aligned_alloc(kAlign, rounded);
     }
     MOE_CHECK_CODE(p != nullptr, ErrorCode::out_of_memory, "cpu allocator: could not allocate ", bytes,
-                   " bytes (", (kind == MemoryKind::device ? "device" : "pinned host"), " memory; current ",
-                   counter(kind).current(), " bytes held)");
+                   " bytes at ", sanitize::where_str(), " (", (kind == MemoryKind::device ? "device" : "pinned host"),
+                   " memory; current ", counter(kind).current(), " bytes held)");
     note_live(counter(kind), static_cast<int64_t>(bytes));
     return p;
   }
@@ -185,5 +205,11 @@ class CpuBackend final : public Backend {
 }  // namespace
 
 std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
+
+void set_cpu_device_byte_limit(int64_t bytes) {
+  MOE_CHECK(bytes >= 0, "set_cpu_device_byte_limit: expected bytes >= 0 (0: no cap), got ", bytes);
+  device_byte_limit().store(bytes, std::memory_order_relaxed);
+}
+int64_t cpu_device_byte_limit() { return device_byte_limit().load(std::memory_order_relaxed); }
 
 }  // namespace moe

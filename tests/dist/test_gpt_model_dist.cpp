@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "common/test_util.h"
+#include "common/tiny_gpt.h"
 #include "dist/dist_util.h"
 #include "moecore/distributed.h"
 #include "moecore/moecore.h"
@@ -43,30 +44,9 @@ const std::vector<Layout> kGrid = {
 };
 
 MoEConfig model_config(const Layout& L, const std::string& disp) {
-  MoEConfig c;
-  c.num_layers = 2;
-  c.moe_layer_freq = {1, 0};  // an MoE layer, then a dense one
-  c.hidden_size = 8;
-  c.num_attention_heads = 4;
-  c.num_query_groups = 2;
-  c.kv_channels = 4;
-  c.ffn_hidden_size = 8;
-  c.vocab_size = 16;
-  c.seq_length = 8;
-  c.normalization = "RMSNorm";
-  c.position_embedding_type = "rope";
-  c.qk_layernorm = true;
+  MoEConfig c = test::tiny_moe_gpt();
   c.num_moe_experts = 8;
-  c.moe_ffn_hidden_size = 4;
-  c.moe_router_topk = 2;
-  c.gated_linear_unit = true;
-  c.activation_func = "silu";
-  c.moe_aux_loss_coeff = {0.01};
-  c.moe_z_loss_coeff = 0.001;
-  c.moe_shared_expert_intermediate_size = 4;
-  c.moe_shared_expert_gate = true;
   c.params_dtype = "fp64";
-  c.init_method_std = 0.4;
   c.seed = 23;
   c.tensor_model_parallel_size = L.tp;
   c.context_parallel_size = L.cp;

@@ -28,6 +28,7 @@
 #include <set>
 
 #include "common/test_util.h"
+#include "common/tiny_gpt.h"
 #include "moecore/checkpoint.h"
 #include "moecore/model.h"
 #include "moecore/optim.h"
@@ -55,34 +56,14 @@ const auto* const kClean = ::testing::AddGlobalTestEnvironment(new CleanTemp);
 // A tiny model with every parameter kind: LayerNorm (biases), learned positions, qk-layernorm, GQA,
 // an MoE layer (sigmoid router with expert bias, a gated shared expert) and a dense layer, untied.
 MoEConfig tiny(const std::string& dtype = "bf16") {
-  MoEConfig c;
-  c.num_layers = 2;
-  c.moe_layer_freq = {1, 0};
-  c.hidden_size = 8;
-  c.num_attention_heads = 4;
-  c.num_query_groups = 2;
-  c.kv_channels = 4;
-  c.ffn_hidden_size = 8;
-  c.vocab_size = 16;
-  c.seq_length = 8;
+  MoEConfig c = test::tiny_moe_gpt();
   c.normalization = "LayerNorm";
   c.position_embedding_type = "learned_absolute";
-  c.qk_layernorm = true;
   c.untie_embeddings_and_output_weights = true;
-  c.num_moe_experts = 4;
-  c.moe_ffn_hidden_size = 4;
-  c.moe_router_topk = 2;
   c.moe_router_score_function = "sigmoid";
   c.moe_router_enable_expert_bias = true;
   c.moe_router_bias_update_rate = 1e-2;
-  c.gated_linear_unit = true;
-  c.activation_func = "silu";
-  c.moe_aux_loss_coeff = {0.01};
-  c.moe_z_loss_coeff = 0.001;
-  c.moe_shared_expert_intermediate_size = 4;
-  c.moe_shared_expert_gate = true;
   c.params_dtype = dtype;
-  c.init_method_std = 0.4;
   c.seed = 7;
   return c;
 }

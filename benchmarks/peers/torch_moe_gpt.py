@@ -42,6 +42,9 @@ import statistics
 import sys
 import time
 
+from peer_proc import blas_in_use, cpu_model, reset_rss_peak, rss_now, rss_peak
+
+
 PRESETS = {
     # Mixtral-like: GQA 8 heads / 2 groups (hd 128), 8 experts top-2 in every layer.
     "mixtral-cpu": dict(num_layers=2, hidden_size=1024, num_attention_heads=8, num_query_groups=2,
@@ -156,50 +159,6 @@ def model_flops(c):
     core = b * S * S * 6.0 * q * L
     logits = T * 6.0 * H * c.vocab_size
     return mlp + attn + core + logits
-
-
-def reset_rss_peak():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def rss_now():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def rss_peak():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def blas_in_use():
-    libs = set()
-    with open("/proc/self/maps") as f:
-        for line in f:
-            path = line.split()[-1] if len(line.split()) >= 6 else ""
-            if "blas" in path or "mkl" in path:
-                libs.add(os.path.realpath(path))
-    return sorted(libs)
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "?"
 
 
 def build(c, torch):

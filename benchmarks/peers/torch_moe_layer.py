@@ -41,6 +41,8 @@ import statistics
 import sys
 import time
 
+from peer_proc import blas_in_use, reset_rss_peak, rss_now, rss_peak
+
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -81,41 +83,6 @@ def layer_gemm_flops(a):
         Fs = a.moe_shared_expert_intermediate_size
         f += 6.0 * T * H * (2 * Fs + Fs)
     return f + 6.0 * T * H * E
-
-
-def reset_rss_peak():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def rss_now():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def rss_peak():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def blas_in_use():
-    """The BLAS shared objects mapped into this process (torch on Debian reaches its BLAS through
-    the libblas.so.3 alternative)."""
-    libs = set()
-    with open("/proc/self/maps") as f:
-        for line in f:
-            path = line.split()[-1] if len(line.split()) >= 6 else ""
-            if "blas" in path or "mkl" in path:
-                libs.add(os.path.realpath(path))
-    return sorted(libs)
 
 
 def main(argv):

@@ -157,29 +157,43 @@ struct PermuteIndexArgs {
 };
 // permute: out[row(t,e)] = in[t]; out_probs[row(t,e)] = probs[t, e] when probs are given.
 // Every row of `out` (N rows) is written exactly once.
+// Two outputs (N2 > 0): row ids in [N, N + N2) write out2 (and out_probs2) at row id − N; of out2
+// only the N2_written rows the map names are written, the others are left as they are (the
+// all-to-all dispatcher permutes the other EP ranks' rows into its send buffer and its own rows
+// straight into their place among the rows it receives, in one pass over the tokens).
 struct PermuteArgs {
   DType dtype = DType::f32;       // of in/out rows
   DType prob_dtype = DType::f32;  // of probs/out_probs
   int64_t T = 0, E = 0, H = 0, N = 0;
-  const int32_t* row_id_map = nullptr;  // (T, E) i32
+  int64_t N2 = 0, N2_written = 0;       // rows of out2, and how many of them the map names
+  const int32_t* row_id_map = nullptr;  // (T, E) i32, row ids in [0, N + N2) or -1
   const void* in = nullptr;             // (T, H) dtype
   void* out = nullptr;                  // (N, H) dtype
+  void* out2 = nullptr;                 // (N2, H) dtype, rows N .. N + N2 − 1 (when N2 > 0)
   const void* probs = nullptr;          // (T, E) prob_dtype, optional
   void* out_probs = nullptr;            // (N) prob_dtype, optional
+  void* out_probs2 = nullptr;           // (N2) prob_dtype, with out_probs when N2 > 0
 };
 // unpermute: out[t] = Σ_e w(t,e) · in[row(t,e)] over routed e, in expert order, with w = row_weights
 // at that row when given, else 1 (a token with no routed expert gets zeros). The mirror of permute:
 // it is permute's backward and permute is its backward. When `probs_grad` is given it also writes
 // probs_grad[t, e] = row_values[row(t,e)] for routed (t, e) and 0 elsewhere (the dprobs scatter).
+// Two inputs (N2 > 0): the rows are the concatenation [in; in2] without a copy — row ids in
+// [N, N + N2) read in2 (and row_weights2 / row_values2) at row id − N; the same bits as one input
+// holding both (the all-to-all combine reads the peers' rows and this rank's own rows where they are).
 struct UnpermuteArgs {
   DType dtype = DType::f32;
   DType prob_dtype = DType::f32;
   int64_t T = 0, E = 0, H = 0, N = 0;
-  const int32_t* row_id_map = nullptr;  // (T, E) i32
+  int64_t N2 = 0;                       // rows of the second input (0: one input)
+  const int32_t* row_id_map = nullptr;  // (T, E) i32, row ids in [0, N + N2) or -1
   const void* in = nullptr;             // (N, H) dtype, may be null when only scattering probs
+  const void* in2 = nullptr;            // (N2, H) dtype, rows N .. N + N2 − 1 (when N2 > 0 and out)
   void* out = nullptr;                  // (T, H) dtype
   const void* row_weights = nullptr;    // (N) prob_dtype, optional
+  const void* row_weights2 = nullptr;   // (N2) prob_dtype, with row_weights when N2 > 0
   const void* row_values = nullptr;     // (N) prob_dtype, optional (with probs_grad)
+  const void* row_values2 = nullptr;    // (N2) prob_dtype, with row_values when N2 > 0
   void* probs_grad = nullptr;           // (T, E) prob_dtype, optional
 };
 // chunk_sort: the input rows are `num_chunks` consecutive chunks of split_sizes_host rows; the

@@ -11,6 +11,7 @@
 // compiled for AVX-512, AVX2 and plain x86-64 with the same bits.
 #include <algorithm>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -109,13 +110,15 @@ void cpu_permute_index(const PermuteIndexArgs& a, const ExecCtx&) {
 }
 
 // out[row(t, e)] = in[t] (a memcpy of the row's bytes); out_probs[row(t, e)] = probs[t, e] (bits).
-// Checks on the way that every row id is below N and that exactly N (t, e) are routed, so a map
-// that does not match `out` fails instead of writing out of bounds or leaving rows unset.
+// Checks on the way that every row id is below N (+ N2) and that exactly N (+ N2_written) (t, e)
+// are routed, so a map that does not match `out` fails instead of writing out of bounds or leaving
+// rows unset. Row ids from N on write out2 / out_probs2 at row id − N.
 void cpu_permute(const PermuteArgs& a, const ExecCtx&) {
-  const int64_t T = a.T, E = a.E, N = a.N;
+  const int64_t T = a.T, E = a.E, N = a.N, NT = a.N + a.N2;
   const size_t row_bytes = static_cast<size_t>(a.H) * dtype_size(a.dtype);
-  const char* in = static_cast<const char*>(a.in);
-  char* out = static_cast<char*>(a.out);
+  const char* in = static_cast<const char*>(a.in);  // (T, H)
+  char* out = static_cast<char*>(a.out);            // (N, H)
+  char* out2 = static_cast<char*>(a.out2);          // (N2, H)
   int64_t routed = 0, bad = 0;
   dispatch_prob_bits(a.prob_dtype, a.probs != nullptr, "permute", [&](auto ptag) {
     using P = decltype(ptag);
@@ -129,20 +132,25 @@ void cpu_permute(const PermuteArgs& a, const ExecCtx&) {
         int64_t r = rid[e];
         if (r < 0) continue;
         ++n_routed;
-        if (r >= N) {
+        if (r >= NT) {
           ++n_bad;
           continue;
         }
-        if (row_bytes) std::memcpy(out + r * row_bytes, in + t * row_bytes, row_bytes);
-        if constexpr (kProbs) static_cast<P*>(a.out_probs)[r] = static_cast<const P*>(a.probs)[t * E + e];
+        const bool first = r < N;
+        if (row_bytes)
+          std::memcpy(first ? out + r * row_bytes : out2 + (r - N) * row_bytes, in + t * row_bytes, row_bytes);
+        if constexpr (kProbs)
+          (first ? static_cast<P*>(a.out_probs)[r] : static_cast<P*>(a.out_probs2)[r - N]) =
+              static_cast<const P*>(a.probs)[t * E + e];
       }
     }
     routed = n_routed;
     bad = n_bad;
   });
-  MOE_CHECK(bad == 0, "permute: ", bad, " entries of row_id_map point past the ", N, " output rows");
-  MOE_CHECK(routed == N, "permute: row_id_map routes ", routed, " (token, expert) pairs but out has ", N,
-            " rows");
+  MOE_CHECK(bad == 0, "permute: ", bad, " entries of row_id_map point past the ", NT, " output rows");
+  MOE_CHECK(routed == N + a.N2_written, "permute: row_id_map routes ", routed, " (token, expert) pairs but out has ",
+            N, " rows", a.N2 ? " and the map should name " : "", a.N2 ? std::to_string(a.N2_written) : "",
+            a.N2 ? " rows of out2" : "");
 }
 
 // Rounds the compute value to storage. bf16 uses a branch-free copy of float_to_bf16 (round to
@@ -236,21 +244,28 @@ MOE_PERM_CLONES void sum_rows_bf16(const bf16* const* src, size_t n, bf16* o, in
 // an unrouted token gets zeros. One or two copies (top-1, top-2) take a single fused pass over
 // the row; more go through a cache-resident accumulator chunk by chunk, in the same order.
 // Scatter mode (probs_grad): probs_grad[t, e] = row_values[row(t, e)], zero where unrouted.
+// Two inputs: row ids below N read in / row_weights / row_values, the N2 after them in2 / row_weights2 /
+// row_values2 (only the source pointer differs, so the sums and their order are those of one input).
 void cpu_unpermute(const UnpermuteArgs& a, const ExecCtx&) {
-  const int64_t T = a.T, E = a.E, H = a.H, N = a.N;
+  const int64_t T = a.T, E = a.E, H = a.H, N = a.N, NT = a.N + a.N2;
   constexpr int64_t kChunk = 1024;
   int64_t bad = 0;
   if (a.out) {
     cpu::dispatch_float(a.dtype, "unpermute", [&](auto tag) {
       using T_ = decltype(tag);
       using A = acc_t<T_>;
-      const T_* in = static_cast<const T_*>(a.in);
-      T_* out = static_cast<T_*>(a.out);
+      const T_* in = static_cast<const T_*>(a.in);    // (N, H)
+      const T_* in2 = static_cast<const T_*>(a.in2);  // (N2, H), rows N .. N + N2 − 1
+      T_* out = static_cast<T_*>(a.out);              // (T, H)
       auto run = [&](auto wtag) {
         using W = decltype(wtag);
         constexpr bool kWeights = !std::is_same_v<W, std::nullptr_t>;
-        const W* w = nullptr;
-        if constexpr (kWeights) w = static_cast<const W*>(a.row_weights);
+        const W* w = nullptr;   // (N)
+        const W* w2 = nullptr;  // (N2)
+        if constexpr (kWeights) {
+          w = static_cast<const W*>(a.row_weights);
+          w2 = static_cast<const W*>(a.row_weights2);
+        }
         int64_t n_bad = 0;
 #pragma omp parallel reduction(+ : n_bad) if (T * H * static_cast<int64_t>(sizeof(T_)) > kParallelBytes)
         {
@@ -264,12 +279,17 @@ void cpu_unpermute(const UnpermuteArgs& a, const ExecCtx&) {
             for (int64_t e = 0; e < E; ++e) {
               int64_t r = rid[e];
               if (r < 0) continue;
-              if (r >= N) {
+              if (r >= NT) {
                 ++n_bad;
                 continue;
               }
-              src[n] = in + r * H;
-              if constexpr (kWeights) wt[n] = static_cast<A>(w[r]);
+              if (r < N) {
+                src[n] = in + r * H;
+                if constexpr (kWeights) wt[n] = static_cast<A>(w[r]);
+              } else {
+                src[n] = in2 + (r - N) * H;
+                if constexpr (kWeights) wt[n] = static_cast<A>(w2[r - N]);
+              }
               ++n;
             }
             // Term j of the sum at column h: w_j · x_j[h] (just x_j[h] without weights).
@@ -312,7 +332,7 @@ void cpu_unpermute(const UnpermuteArgs& a, const ExecCtx&) {
         }
         bad += n_bad;
       };
-      if (a.row_weights)
+      if (a.row_weights || a.row_weights2)  // either may be null when its input has no rows
         dispatch_prob(a.prob_dtype, "unpermute", run);
       else
         run(nullptr);
@@ -321,21 +341,22 @@ void cpu_unpermute(const UnpermuteArgs& a, const ExecCtx&) {
   if (a.probs_grad) {
     dispatch_prob(a.prob_dtype, "unpermute", [&](auto ptag) {
       using P = decltype(ptag);
-      const P* vals = static_cast<const P*>(a.row_values);
-      P* pg = static_cast<P*>(a.probs_grad);
+      const P* vals = static_cast<const P*>(a.row_values);    // (N)
+      const P* vals2 = static_cast<const P*>(a.row_values2);  // (N2)
+      P* pg = static_cast<P*>(a.probs_grad);                  // (T, E)
       int64_t n_bad = 0;
 #pragma omp parallel for schedule(static) reduction(+ : n_bad) if (T * E > kParallelBytes)
       for (int64_t t = 0; t < T; ++t) {
         for (int64_t e = 0; e < E; ++e) {
           int64_t r = a.row_id_map[t * E + e];
-          if (r >= N) ++n_bad;
-          pg[t * E + e] = (r >= 0 && r < N) ? vals[r] : P(0);
+          if (r >= NT) ++n_bad;
+          pg[t * E + e] = r < 0 || r >= NT ? P(0) : r < N ? vals[r] : vals2[r - N];
         }
       }
       bad += n_bad;
     });
   }
-  MOE_CHECK(bad == 0, "unpermute: ", bad, " entries of row_id_map point past the ", N, " input rows");
+  MOE_CHECK(bad == 0, "unpermute: ", bad, " entries of row_id_map point past the ", NT, " input rows");
 }
 
 // Chunk c (split_sizes[c] rows starting at the sum of the earlier sizes) goes to the output after

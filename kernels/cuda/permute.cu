@@ -129,28 +129,37 @@ __device__ int gather_routes(const int32_t* __restrict__ rid_row, int64_t E, int
 }
 
 // permute: one block per token; every word of the input row is read once and written to each of the
-// token's k output rows. out_probs[r] = probs[t, e] as raw bits (P = uint32_t / uint64_t).
+// token's k output rows. out_probs[r] = probs[t, e] as raw bits (P = uint32_t / uint64_t). Row ids
+// in [N, N + N2) write the second output out2 (and out_probs2) at row − N.
 template <class W, class P>
 __global__ void __launch_bounds__(kTokThreads)
     permute_kernel(const int32_t* __restrict__ row_id_map, const W* __restrict__ in, W* __restrict__ out,
-                   const P* __restrict__ probs, P* __restrict__ out_probs, int64_t E, int64_t N, int64_t words) {
+                   W* __restrict__ out2, const P* __restrict__ probs, P* __restrict__ out_probs,
+                   P* __restrict__ out_probs2, int64_t E, int64_t N, int64_t N2, int64_t words) {
   __shared__ int scan_smem[kTokThreads / kWarp + 1];
   int* rows = reinterpret_cast<int*>(g_permute_smem);
   int* experts = rows + E;
   const int64_t t = blockIdx.x;
-  const int n = gather_routes(row_id_map + t * E, E, N, rows, experts, scan_smem);
+  const int n = gather_routes(row_id_map + t * E, E, N + N2, rows, experts, scan_smem);
   if (n == 0) return;
   const W* src = in + t * words;
   for (int64_t v = threadIdx.x; v < words; v += blockDim.x) {
     const W w = src[v];
-    for (int j = 0; j < n; ++j) out[static_cast<int64_t>(rows[j]) * words + v] = w;
+    for (int j = 0; j < n; ++j) {
+      const int64_t r = rows[j];
+      (r < N ? out + r * words : out2 + (r - N) * words)[v] = w;
+    }
   }
   if (probs)
-    for (int j = threadIdx.x; j < n; j += blockDim.x) out_probs[rows[j]] = probs[t * E + experts[j]];
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+      const int64_t r = rows[j];
+      (r < N ? out_probs[r] : out_probs2[r - N]) = probs[t * E + experts[j]];
+    }
 }
 
 // unpermute: one block per token; out[t] = Σ_j w_j · in[row_j] over the token's routes in expert
-// order. VP elements per thread step (16-byte packs when the row allows, else 1).
+// order. VP elements per thread step (16-byte packs when the row allows, else 1). Row ids in
+// [N, N + N2) read the second input in2 (and weights2) at row − N.
 template <class T, int VP>
 struct alignas(sizeof(T) * VP) Pack {
   T v[VP];
@@ -158,15 +167,16 @@ struct alignas(sizeof(T) * VP) Pack {
 
 template <class T, int VP, class Wt>
 __global__ void __launch_bounds__(kTokThreads)
-    unpermute_kernel(const int32_t* __restrict__ row_id_map, const T* __restrict__ in, T* __restrict__ out,
-                     const Wt* __restrict__ weights, int64_t E, int64_t N, int64_t H) {
+    unpermute_kernel(const int32_t* __restrict__ row_id_map, const T* __restrict__ in, const T* __restrict__ in2,
+                     T* __restrict__ out, const Wt* __restrict__ weights, const Wt* __restrict__ weights2, int64_t E,
+                     int64_t N, int64_t N2, int64_t H) {
   using A = acc_t<T>;
   using PackT = Pack<T, VP>;
   __shared__ int scan_smem[kTokThreads / kWarp + 1];
   int* rows = reinterpret_cast<int*>(g_permute_smem);
   int* experts = rows + E;
   const int64_t t = blockIdx.x;
-  const int n = gather_routes(row_id_map + t * E, E, N, rows, experts, scan_smem);
+  const int n = gather_routes(row_id_map + t * E, E, N + N2, rows, experts, scan_smem);
   const int64_t packs = H / VP;
   PackT* dst = reinterpret_cast<PackT*>(out + t * H);
   for (int64_t v = threadIdx.x; v < packs; v += blockDim.x) {
@@ -177,9 +187,10 @@ __global__ void __launch_bounds__(kTokThreads)
       // The first copy initialises the sum (one unweighted copy comes back bit-exact, -0 included).
       A acc[VP] = {};
       for (int j = 0; j < n; ++j) {
-        const PackT x = reinterpret_cast<const PackT*>(in + static_cast<int64_t>(rows[j]) * H)[v];
+        const int64_t r = rows[j];
+        const PackT x = reinterpret_cast<const PackT*>(r < N ? in + r * H : in2 + (r - N) * H)[v];
         A w = A(1);
-        if constexpr (!std::is_void_v<Wt>) w = static_cast<A>(weights[rows[j]]);
+        if constexpr (!std::is_void_v<Wt>) w = static_cast<A>(r < N ? weights[r] : weights2[r - N]);
         for (int i = 0; i < VP; ++i) {
           const A xv = std::is_void_v<Wt> ? to_acc(x.v[i]) : mul_rn(w, to_acc(x.v[i]));
           acc[i] = j == 0 ? xv : add_rn(acc[i], xv);
@@ -191,13 +202,15 @@ __global__ void __launch_bounds__(kTokThreads)
   }
 }
 
-// probs_grad[t, e] = row_values[row(t, e)] for routed (t, e), else 0 (raw values).
+// probs_grad[t, e] = row_values[row(t, e)] for routed (t, e), else 0 (raw values); rows from N on
+// read vals2 at row − N.
 template <class P>
 __global__ void scatter_rows_kernel(const int32_t* __restrict__ row_id_map, const P* __restrict__ vals,
-                                    P* __restrict__ probs_grad, int64_t n, int64_t N) {
+                                    const P* __restrict__ vals2, P* __restrict__ probs_grad, int64_t n, int64_t N,
+                                    int64_t N2) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = row_id_map[i];
-    probs_grad[i] = (r >= 0 && r < N) ? vals[r] : P(0);
+    probs_grad[i] = (r < 0 || r >= N + N2) ? P(0) : r < N ? vals[r] : vals2[r - N];
   }
 }
 
@@ -301,9 +314,9 @@ void cuda_permute_index(const PermuteIndexArgs& a, const ExecCtx& ctx) {
 void cuda_permute(const PermuteArgs& a, const ExecCtx& ctx) {
   DeviceGuard g(ctx);
   const char* op = "permute";
-  if (a.T == 0 || a.N == 0) return;
+  if (a.T == 0 || a.N + a.N2 == 0) return;
   const size_t row_bytes = static_cast<size_t>(a.H) * dtype_size(a.dtype);
-  const int wb = copy_word_bytes(row_bytes, {a.in, a.out});
+  const int wb = copy_word_bytes(row_bytes, {a.in, a.out, a.out2});
   const int64_t words = static_cast<int64_t>(row_bytes) / wb;
   const size_t smem = route_smem(a.E, op);
   dispatch_prob_bits(a.prob_dtype, a.probs != nullptr, op, [&](auto ptag) {
@@ -312,8 +325,9 @@ void cuda_permute(const PermuteArgs& a, const ExecCtx& ctx) {
       using W = typename decltype(wtag)::type;
       set_smem(permute_kernel<W, P>, smem, op);
       permute_kernel<W, P><<<grid_rows(a.T, op), kTokThreads, smem, stream_of(ctx)>>>(
-          a.row_id_map, static_cast<const W*>(a.in), static_cast<W*>(a.out), static_cast<const P*>(a.probs),
-          static_cast<P*>(a.out_probs), a.E, a.N, words);
+          a.row_id_map, static_cast<const W*>(a.in), static_cast<W*>(a.out), static_cast<W*>(a.out2),
+          static_cast<const P*>(a.probs), static_cast<P*>(a.out_probs), static_cast<P*>(a.out_probs2), a.E, a.N,
+          a.N2, words);
       MOE_CUDA_CHECK_LAUNCH("permute_kernel");
     });
   });
@@ -323,24 +337,26 @@ void cuda_unpermute(const UnpermuteArgs& a, const ExecCtx& ctx) {
   DeviceGuard g(ctx);
   const char* op = "unpermute";
   MOE_CHECK(a.out == nullptr || a.in != nullptr || a.N * a.H == 0, op, ": out is given but in is null");
+  MOE_CHECK(a.out == nullptr || a.in2 != nullptr || a.N2 * a.H == 0, op, ": out and ", a.N2,
+            " rows of in2 are given but in2 is null");
   if (a.out && a.T > 0 && a.H > 0) {
     const size_t smem = route_smem(a.E, op);
     dispatch_float(a.dtype, op, [&](auto tag) {
       using T = typename decltype(tag)::type;
       constexpr int kVec = 16 / sizeof(T);
       const size_t row_bytes = static_cast<size_t>(a.H) * sizeof(T);
-      const bool vec = copy_word_bytes(row_bytes, {a.in, a.out}) == 16;
+      const bool vec = copy_word_bytes(row_bytes, {a.in, a.in2, a.out}) == 16;
       auto launch = [&](auto vtag, auto wtag) {
         constexpr int VP = decltype(vtag)::value;
         using Wt = typename decltype(wtag)::type;
         set_smem(unpermute_kernel<T, VP, Wt>, smem, op);
         unpermute_kernel<T, VP, Wt><<<grid_rows(a.T, op), kTokThreads, smem, stream_of(ctx)>>>(
-            a.row_id_map, static_cast<const T*>(a.in), static_cast<T*>(a.out), static_cast<const Wt*>(a.row_weights),
-            a.E, a.N, a.H);
+            a.row_id_map, static_cast<const T*>(a.in), static_cast<const T*>(a.in2), static_cast<T*>(a.out),
+            static_cast<const Wt*>(a.row_weights), static_cast<const Wt*>(a.row_weights2), a.E, a.N, a.N2, a.H);
         MOE_CUDA_CHECK_LAUNCH("unpermute_kernel");
       };
       auto with_weights = [&](auto vtag) {
-        if (!a.row_weights) {
+        if (!a.row_weights && !a.row_weights2) {  // either may be null when its input has no rows
           launch(vtag, TypeTag<void>{});
           return;
         }
@@ -357,7 +373,8 @@ void cuda_unpermute(const UnpermuteArgs& a, const ExecCtx& ctx) {
       using P = typename decltype(ptag)::type;
       const int64_t n = a.T * a.E;
       scatter_rows_kernel<P><<<grid_for(n, 256), 256, 0, stream_of(ctx)>>>(
-          a.row_id_map, static_cast<const P*>(a.row_values), static_cast<P*>(a.probs_grad), n, a.N);
+          a.row_id_map, static_cast<const P*>(a.row_values), static_cast<const P*>(a.row_values2),
+          static_cast<P*>(a.probs_grad), n, a.N, a.N2);
       MOE_CUDA_CHECK_LAUNCH("scatter_rows_kernel");
     });
   }

@@ -371,16 +371,42 @@ void permute(const Tensor& rid, const Tensor& in, Tensor& out, const Tensor* pro
   sanitize::check_op(op, {{"out", &out}, {"out_probs", out_probs}}, {{"in", &in}, {"probs", probs}});
 }
 
-void unpermute(const Tensor& rid, const Tensor& in, Tensor& out, const Tensor* w) {
-  const char* op = "unpermute";
+void permute2(const Tensor& rid, const Tensor& in, Tensor& out, Tensor& out2, int64_t out2_written,
+              const Tensor* probs, Tensor* out_probs, Tensor* out_probs2) {
+  const char* op = "permute2";
+  PermuteArgs a = permute_args(op, rid, in, out, probs, out_probs);
+  need_2d(op, "out2", out2);
+  MOE_CHECK(out2.size(1) == in.size(1) && out2.dtype() == in.dtype(), op, ": out2 must be (N2, ", in.size(1), ") ",
+            dtype_name(in.dtype()), " like in ", in.desc(), ", got ", out2.desc());
+  MOE_CHECK(out2_written >= 0 && out2_written <= out2.size(0), op, ": the map should name ", out2_written,
+            " rows of out2, which has ", out2.size(0));
+  MOE_CHECK((out_probs2 != nullptr) == (probs != nullptr), op, ": probs and out_probs2 go together");
+  same_device(op, rid, {&out2, out_probs2});
+  a.N2 = out2.size(0);
+  a.N2_written = out2_written;
+  a.out2 = out2.data();
+  if (out_probs2) {
+    out_probs2->check_shape({a.N2}, "permute2: out_probs2");
+    MOE_CHECK(out_probs2->dtype() == probs->dtype(), op, ": probs ", probs->desc(), " and out_probs2 ",
+              out_probs2->desc(), " dtypes differ");
+    a.out_probs2 = out_probs2->data();
+  }
+  need(table(in.device()).permute, in.device(), op)(a, exec_ctx(in.device()));
+  // out2's rows the map does not name are left as they were (unset, possibly): not checked here.
+  sanitize::check_op(op, {{"out", &out}, {"out_probs", out_probs}}, {{"in", &in}, {"probs", probs}});
+}
+
+UnpermuteArgs unpermute_args(const char* op, const Tensor& rid, const Tensor& in, const Tensor* in2, Tensor& out,
+                             const Tensor* w, const Tensor* w2) {
+  const std::string o = op;
   need_2d(op, "row_id_map", rid);
-  rid.check_dtype(DType::i32, "unpermute: row_id_map");
+  rid.check_dtype(DType::i32, (o + ": row_id_map").c_str());
   need_2d(op, "in", in);
   need_2d(op, "out", out);
-  int64_t T = rid.size(0), E = rid.size(1), H = in.size(1), N = in.size(0);
-  out.check_shape({T, H}, "unpermute: out");
+  const int64_t T = rid.size(0), E = rid.size(1), H = in.size(1), N = in.size(0);
+  out.check_shape({T, H}, (o + ": out").c_str());
   MOE_CHECK(in.dtype() == out.dtype(), op, ": in ", in.desc(), " and out ", out.desc(), " dtypes differ");
-  same_device(op, rid, {&in, &out, w});
+  same_device(op, rid, {&in, in2, &out, w, w2});
   UnpermuteArgs a;
   a.dtype = in.dtype();
   a.T = T;
@@ -390,25 +416,60 @@ void unpermute(const Tensor& rid, const Tensor& in, Tensor& out, const Tensor* w
   a.row_id_map = rid.data_as<int32_t>();
   a.in = in.data();
   a.out = out.data();
+  if (in2) {
+    need_2d(op, "in2", *in2);
+    MOE_CHECK(in2->size(1) == H && in2->dtype() == in.dtype(), op, ": in2 must be (N2, ", H, ") ",
+              dtype_name(in.dtype()), " like in ", in.desc(), ", got ", in2->desc());
+    a.N2 = in2->size(0);
+    a.in2 = in2->data();
+  }
+  MOE_CHECK(w2 == nullptr || (w != nullptr && in2 != nullptr), op,
+            ": row_weights2 needs row_weights and in2");
+  MOE_CHECK(w == nullptr || in2 == nullptr || w2 != nullptr, op,
+            ": with two inputs, row_weights needs row_weights2 (the weights of in2's rows)");
   if (w) {
-    w->check_shape({N}, "unpermute: row_weights");
+    w->check_shape({N}, (o + ": row_weights").c_str());
     a.prob_dtype = w->dtype();
     a.row_weights = w->data();
   }
+  if (w2) {
+    w2->check_shape({a.N2}, (o + ": row_weights2").c_str());
+    MOE_CHECK(w2->dtype() == w->dtype(), op, ": row_weights ", w->desc(), " and row_weights2 ", w2->desc(),
+              " dtypes differ");
+    a.row_weights2 = w2->data();
+  }
+  return a;
+}
+
+void unpermute(const Tensor& rid, const Tensor& in, Tensor& out, const Tensor* w) {
+  const char* op = "unpermute";
+  UnpermuteArgs a = unpermute_args(op, rid, in, nullptr, out, w, nullptr);
   need(table(in.device()).unpermute, in.device(), op)(a, exec_ctx(in.device()));
   sanitize::check_op(op, {{"out", &out}}, {{"in", &in}, {"row_weights", w}});
 }
 
-void scatter_rows_to_map(const Tensor& rid, const Tensor& row_values, Tensor& probs_grad) {
-  const char* op = "scatter_rows_to_map";
+void unpermute2(const Tensor& rid, const Tensor& in, const Tensor& in2, Tensor& out, const Tensor* w,
+                const Tensor* w2) {
+  const char* op = "unpermute2";
+  UnpermuteArgs a = unpermute_args(op, rid, in, &in2, out, w, w2);
+  need(table(in.device()).unpermute, in.device(), op)(a, exec_ctx(in.device()));
+  sanitize::check_op(op, {{"out", &out}},
+                     {{"in", &in}, {"in2", &in2}, {"row_weights", w}, {"row_weights2", w2}});
+}
+
+namespace {
+// scatter_rows_to_map over row_values, or [row_values; row_values2] when row_values2 is given.
+void scatter_rows(const char* op, const Tensor& rid, const Tensor& row_values, const Tensor* row_values2,
+                  Tensor& probs_grad) {
+  const std::string o = op;
   need_2d(op, "row_id_map", rid);
-  rid.check_dtype(DType::i32, "scatter_rows_to_map: row_id_map");
+  rid.check_dtype(DType::i32, (o + ": row_id_map").c_str());
   int64_t T = rid.size(0), E = rid.size(1);
   MOE_CHECK(row_values.defined() && row_values.ndim() == 1, op, ": row_values must be (N), got ", row_values.desc());
-  probs_grad.check_shape({T, E}, "scatter_rows_to_map: probs_grad");
+  probs_grad.check_shape({T, E}, (o + ": probs_grad").c_str());
   MOE_CHECK(row_values.dtype() == probs_grad.dtype(), op, ": dtypes differ: ", row_values.desc(), " vs ",
             probs_grad.desc());
-  same_device(op, rid, {&row_values, &probs_grad});
+  same_device(op, rid, {&row_values, row_values2, &probs_grad});
   UnpermuteArgs a;
   a.prob_dtype = row_values.dtype();
   a.T = T;
@@ -417,7 +478,24 @@ void scatter_rows_to_map(const Tensor& rid, const Tensor& row_values, Tensor& pr
   a.row_id_map = rid.data_as<int32_t>();
   a.row_values = row_values.data();
   a.probs_grad = probs_grad.data();
+  if (row_values2) {
+    MOE_CHECK(row_values2->defined() && row_values2->ndim() == 1 && row_values2->dtype() == row_values.dtype(), op,
+              ": row_values2 must be (N2) ", dtype_name(row_values.dtype()), " like row_values ", row_values.desc(),
+              ", got ", row_values2->desc());
+    a.N2 = row_values2->size(0);
+    a.row_values2 = row_values2->data();
+  }
   need(table(rid.device()).unpermute, rid.device(), op)(a, exec_ctx(rid.device()));
+}
+}  // namespace
+
+void scatter_rows_to_map(const Tensor& rid, const Tensor& row_values, Tensor& probs_grad) {
+  scatter_rows("scatter_rows_to_map", rid, row_values, nullptr, probs_grad);
+}
+
+void scatter_rows_to_map2(const Tensor& rid, const Tensor& row_values, const Tensor& row_values2,
+                          Tensor& probs_grad) {
+  scatter_rows("scatter_rows_to_map2", rid, row_values, &row_values2, probs_grad);
 }
 
 void chunk_sort(const std::vector<int64_t>& splits, const std::vector<int64_t>& order, const Tensor& in,

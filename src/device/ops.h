@@ -49,6 +49,20 @@ void permute(const Tensor& row_id_map, const Tensor& in, Tensor& out, const Tens
 void unpermute(const Tensor& row_id_map, const Tensor& in, Tensor& out, const Tensor* row_weights = nullptr);
 // probs_grad (T, E) = row_values scattered to the routed (t, e), zero elsewhere.
 void scatter_rows_to_map(const Tensor& row_id_map, const Tensor& row_values, Tensor& probs_grad);
+// ops::permute into two outputs without a copy: row ids below N = out's rows write out (and
+// out_probs), the ones from N on write out2 (and out_probs2) at row id − N. Every row of out is
+// written once; of out2 the map must name exactly out2_written rows and the rest are left as they
+// are. Internal (the all-to-all dispatcher: the send buffer and this rank's own rows in place).
+void permute2(const Tensor& row_id_map, const Tensor& in, Tensor& out, Tensor& out2, int64_t out2_written,
+              const Tensor* probs = nullptr, Tensor* out_probs = nullptr, Tensor* out_probs2 = nullptr);
+// ops::unpermute over the rows [in; in2] (N + N2) without concatenating them: row ids from N on read
+// in2 (and row_weights2). The same bits as ops::unpermute on the concatenation. Internal (the
+// all-to-all dispatcher's combine).
+void unpermute2(const Tensor& row_id_map, const Tensor& in, const Tensor& in2, Tensor& out,
+                const Tensor* row_weights = nullptr, const Tensor* row_weights2 = nullptr);
+// ops::scatter_rows_to_map over [row_values; row_values2] without concatenating them. Internal.
+void scatter_rows_to_map2(const Tensor& row_id_map, const Tensor& row_values, const Tensor& row_values2,
+                          Tensor& probs_grad);
 void chunk_sort(const std::vector<int64_t>& split_sizes, const std::vector<int64_t>& sorted_idxs,
                 const Tensor& in, Tensor& out, const Tensor* probs = nullptr, Tensor* out_probs = nullptr);
 

@@ -50,6 +50,11 @@ inline void need_2d(const char* op, const char* name, const Tensor& t) {
 // in (T, H), out (N, H), optional probs (T, E) with out_probs (N). Defined in ops.cpp.
 PermuteArgs permute_args(const char* op, const Tensor& rid, const Tensor& in, Tensor& out, const Tensor* probs,
                          Tensor* out_probs);
+// The checks and arguments of an unpermute (ops::unpermute, ops::unpermute2): row_id_map (T, E) i32,
+// in (N, H), optional in2 (N2, H) of in's dtype, out (T, H), optional row_weights (N) with
+// row_weights2 (N2) when in2 is given. Defined in ops.cpp.
+UnpermuteArgs unpermute_args(const char* op, const Tensor& rid, const Tensor& in, const Tensor* in2, Tensor& out,
+                             const Tensor* row_weights, const Tensor* row_weights2);
 // The checks and arguments of the activations (act_fwd / act_bwd and their _dev forms): in (rows, F1)
 // with F1 = 2F under a GLU, out / dout (rows, F), din like in, optional row_scale / drow_scale (rows).
 ActFwdArgs act_fwd_args(const char* op, Activation act, bool glu, const Tensor& in, const Tensor* row_scale,

@@ -172,10 +172,8 @@ class AllToAllDispatcher final : public TokenDispatcher {
   // rank holds (N_recv, ·) in [local expert][EP source] order; with ETP the all-gather adds the
   // ETP sources.
   struct State {
-    Tensor row_id_map;                     // (T, E) i32 into the expert-major rows
-    Tensor map_left, map_right;            // (T, p·G) / (T, E − (p+1)·G) i32: the other EP ranks' experts,
-                                           // rows of each block in the packed send buffer
-    std::vector<Tensor> map_self;          // (G) × (T, 1) i32: rows of my local expert g in its chunk
+    Tensor row_id_map;                     // (T, E) i32 of the permute and the combine: into [packed rows
+                                           // (n_left + n_right); own rows, (N_recv) [local expert][EP source]]
     int64_t N_local = 0, N_recv = 0, N_g = 0;
     int64_t n_left = 0, n_right = 0;       // packed rows for the EP ranks below / above this one
     std::vector<int64_t> local_counts;     // (E) = (EP·G) rows of chunk (j, g), expert-major
@@ -190,19 +188,17 @@ class AllToAllDispatcher final : public TokenDispatcher {
     std::vector<int64_t> unsort_order;     // back to [ETP rank][local expert]
   };
   // Token rows x (T, ...) → expert-major rows of the local experts (N_g, ...); expert rows → the
-  // expert-major local rows (N_loc, ...) for the unpermute. The optional probs ((T, E) → (N_g), and
-  // (N_g) → (N_loc)) travel in the same exchanges.
+  // other EP ranks' rows back, packed (N_loc − own, ...), returned, and this rank's own rows where they
+  // are (`own`, (N_recv, ...) [local expert][EP source]), the two inputs of the combine's unpermute.
+  // The optional probs ((T, E) → (N_g), and (N_g) → (N_loc − own) + (N_recv)) travel in the same
+  // exchanges.
   Tensor forward_path(const State& st, const Tensor& x, const Tensor* probs = nullptr, Tensor* out_probs = nullptr);
-  Tensor reverse_path(const State& st, const Tensor& expert_rows, const Tensor* expert_probs = nullptr,
-                      Tensor* out_probs = nullptr);
-  // Permutes x's routes into the packed send buffer (N_loc − own rows, ·) and this rank's own rows
-  // into their place in recv (N_recv, ·).
-  void scatter_tokens(const State& st, const Tensor& x, const Tensor* probs, Tensor& send, Tensor& recv,
-                      Tensor* send_probs, Tensor* recv_probs);
+  Tensor reverse_path(const State& st, const Tensor& expert_rows, Tensor& own, const Tensor* expert_probs = nullptr,
+                      Tensor* out_probs = nullptr, Tensor* own_probs = nullptr);
   // MOE_SANITIZE: rows selected = sent, Σ sent = Σ received over EP, received = handed to the experts.
   void check_conservation(const State& st, const Tensor& routing_map, const DispatchOutput& out);
   // The EP exchange: packed send buffer → (N_recv, ·) [local expert][EP source]; and back into the
-  // expert-major (N_loc, ·), this rank's own rows copied.
+  // packed buffer (this rank's own rows are not moved either way).
   void exchange(const State& st, bool to_experts, const Tensor& in, Tensor& out, const Tensor* in_probs,
                 Tensor* out_probs);
   std::shared_ptr<Communicator> ep_, etp_, etp_ep_;

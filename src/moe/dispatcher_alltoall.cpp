@@ -2,9 +2,9 @@
 // over ETP.
 //
 //   forward                                          backward (the mirror, directions swapped)
-//   x (T, H) ─ permute → send rows (N_loc − own, H)   unpermute ← (N_loc, H) → dx (T, H)
-//              and own rows in place in (N_recv, H)
-//   exchange over EP → (N_recv, H)                    exchange back over EP (+ copy of own rows)
+//   x (T, H) ─ permute → send rows (N_loc − own, H)   unpermute ← rows back (N_loc − own, H)
+//              and own rows in place in (N_recv, H)              and own rows where they are (N_recv, H)
+//   exchange over EP → (N_recv, H)                    exchange back over EP (own rows stay)
 //   all-gather-v over ETP → (N_g, H)                  reduce-scatter-v over ETP (sums partials)
 //   sort chunks → [local expert][source] (ETP > 1)    inverse sort
 //   ...experts (N_g rows)...                          ...experts backward...
@@ -14,8 +14,12 @@
 // The EP exchange is one batch of point-to-point transfers, one per (EP rank, local expert) chunk
 // and one for its probs, each received straight into its place in [local expert][EP source] order,
 // so no chunk sort follows it. This rank's own rows are permuted straight into that order on the
-// way out and copied on the way back. Without ETP its output is the experts' input. Every row lands
-// where Megatron's all-to-all + sort_chunks_by_idxs puts it, so results are the same bits.
+// way out and read from it on the way back: one row map (row_id_map) numbers the rows of [packed
+// rows of the other EP ranks; (N_recv) rows in [local expert][EP source] order], a two-output permute
+// writes both in one pass over the tokens and a two-input unpermute reads both without concatenating
+// them. Without ETP its output is the experts'
+// input. Every row lands where Megatron's all-to-all + sort_chunks_by_idxs puts it and every token
+// sums its copies in the same (expert) order, so results are the same bits.
 #include <numeric>
 
 #include "core/sanitize.h"
@@ -48,9 +52,9 @@ void AllToAllDispatcher::exchange(const State& st, bool to_experts, const Tensor
                                   const Tensor* in_probs, Tensor* out_probs) {
   const int P = ep_->size(), p = ep_->rank();
   // Chunk c = j·G + g: on the local side the rows for local expert g of EP rank j (in the packed
-  // send buffer on the way out, in the expert-major rows on the way back), on the expert side the
-  // rows EP rank j sends to my local expert g. Sent from one side, received into the other.
-  const std::vector<int64_t>& local_off = to_experts ? st.packed_offsets : st.local_offsets;
+  // buffer of the other EP ranks' rows, both ways), on the expert side the rows EP rank j sends to my
+  // local expert g. Sent from one side, received into the other.
+  const std::vector<int64_t>& local_off = st.packed_offsets;
   const std::vector<int64_t>& src_off = to_experts ? local_off : st.recv_offsets;
   const std::vector<int64_t>& src_n = to_experts ? st.local_counts : st.recv_counts;
   const std::vector<int64_t>& dst_off = to_experts ? st.recv_offsets : local_off;
@@ -61,17 +65,10 @@ void AllToAllDispatcher::exchange(const State& st, bool to_experts, const Tensor
   for (int j = 0; j < P; ++j) {
     for (int64_t g = 0; g < G_; ++g) {
       const size_t c = static_cast<size_t>(j * G_ + g);
-      if (j == p) {  // this rank's own rows: permuted into place on the way out, a copy on the way back
+      if (j == p) {  // this rank's own rows: permuted into place on the way out, read in place on the way back
         MOE_CHECK_CODE(src_n[c] == dst_n[c], ErrorCode::internal, "AllToAllDispatcher: EP rank ", p, " keeps ",
                        st.local_counts[c], " rows of its local expert ", g, " but the count table says ",
                        st.recv_counts[c]);
-        if (to_experts || src_n[c] == 0) continue;
-        Tensor d = out.narrow(dst_off[c], dst_n[c]);
-        d.copy_from(in.narrow(src_off[c], src_n[c]));
-        if (in_probs) {
-          Tensor dp = out_probs->narrow(dst_off[c], dst_n[c]);
-          dp.copy_from(in_probs->narrow(src_off[c], src_n[c]));
-        }
         continue;
       }
       if (src_n[c] > 0) {
@@ -91,36 +88,6 @@ void AllToAllDispatcher::exchange(const State& st, bool to_experts, const Tensor
   traffic_.calls += 1;
 }
 
-void AllToAllDispatcher::scatter_tokens(const State& st, const Tensor& x, const Tensor* probs, Tensor& send,
-                                        Tensor& recv, Tensor* send_probs, Tensor* recv_probs) {
-  const int64_t p = ep_->rank(), lo = p * G_, hi = lo + G_;
-  // One block of expert columns [c0, c0 + cols) of x's routes → `out` (its rows in the block's map).
-  auto block = [&](const Tensor& map, int64_t c0, int64_t cols, Tensor out, Tensor* out_p) {
-    if (out.size(0) == 0) return;
-    if (probs) {
-      Tensor pc = ops::gather_columns(*probs, c0, cols);  // (T, cols)
-      ops::permute(map, x, out, &pc, out_p);
-    } else {
-      ops::permute(map, x, out);
-    }
-  };
-  const int64_t n_left = st.n_left;
-  if (lo > 0) {
-    Tensor sp = probs ? send_probs->narrow(0, n_left) : Tensor{};
-    block(st.map_left, 0, lo, send.narrow(0, n_left), probs ? &sp : nullptr);
-  }
-  if (hi < E_) {
-    Tensor sp = probs ? send_probs->narrow(n_left, st.n_right) : Tensor{};
-    block(st.map_right, hi, E_ - hi, send.narrow(n_left, st.n_right), probs ? &sp : nullptr);
-  }
-  for (int64_t g = 0; g < G_; ++g) {
-    const size_t c = static_cast<size_t>(p * G_ + g);
-    Tensor rp = probs ? recv_probs->narrow(st.recv_offsets[c], st.recv_counts[c]) : Tensor{};
-    block(st.map_self[static_cast<size_t>(g)], lo + g, 1, recv.narrow(st.recv_offsets[c], st.recv_counts[c]),
-          probs ? &rp : nullptr);
-  }
-}
-
 Tensor AllToAllDispatcher::forward_path(const State& st, const Tensor& x, const Tensor* probs, Tensor* out_probs) {
   const int q = etp_->rank(), Q = etp_->size();
   // The rows for other EP ranks (packed, expert-major) and (N_recv, ·) in [local expert][EP source]
@@ -131,7 +98,10 @@ Tensor AllToAllDispatcher::forward_path(const State& st, const Tensor& x, const 
     send_probs = Tensor::empty({st.n_left + st.n_right}, probs->dtype(), x.device());
     recv_probs = Tensor::empty({st.N_recv}, probs->dtype(), x.device());
   }
-  scatter_tokens(st, x, probs, send, recv, probs ? &send_probs : nullptr, probs ? &recv_probs : nullptr);
+  // One pass over the tokens: row ids below n_left + n_right are send rows, the others this rank's
+  // own rows at their place in recv (the combine's row map, read the other way).
+  ops::permute2(st.row_id_map, x, send, recv, st.N_local - st.n_left - st.n_right, probs,
+                probs ? &send_probs : nullptr, probs ? &recv_probs : nullptr);
   exchange(st, true, send, recv, probs ? &send_probs : nullptr, probs ? &recv_probs : nullptr);
   if (Q == 1) {
     if (out_probs) *out_probs = recv_probs;
@@ -160,8 +130,8 @@ Tensor AllToAllDispatcher::forward_path(const State& st, const Tensor& x, const 
   return sorted;
 }
 
-Tensor AllToAllDispatcher::reverse_path(const State& st, const Tensor& expert_rows, const Tensor* expert_probs,
-                                        Tensor* out_probs) {
+Tensor AllToAllDispatcher::reverse_path(const State& st, const Tensor& expert_rows, Tensor& own,
+                                        const Tensor* expert_probs, Tensor* out_probs, Tensor* own_probs) {
   const int q = etp_->rank(), Q = etp_->size();
   Tensor mine = expert_rows;  // (N_recv, ·) [local expert][EP source], summed over ETP
   Tensor mine_probs = expert_probs ? *expert_probs : Tensor{};
@@ -183,9 +153,13 @@ Tensor AllToAllDispatcher::reverse_path(const State& st, const Tensor& expert_ro
     traffic_.bytes_received += st.N_recv * rb * (Q - 1);
     traffic_.calls += 1;
   }
-  Tensor back = rows_like(expert_rows, st.N_local);  // (N_loc, ·) expert-major
-  if (expert_probs) *out_probs = rows_like(*expert_probs, st.N_local);
+  // The other EP ranks' rows come back packed like the send buffer; this rank's own rows stay in
+  // `mine`, where the combine's row map points.
+  Tensor back = rows_like(expert_rows, st.n_left + st.n_right);  // (N_loc − own, ·) packed
+  if (expert_probs) *out_probs = rows_like(*expert_probs, st.n_left + st.n_right);
   exchange(st, false, mine, back, expert_probs ? &mine_probs : nullptr, out_probs);
+  own = mine;
+  if (own_probs) *own_probs = mine_probs;
   return back;
 }
 
@@ -197,38 +171,28 @@ DispatchOutput AllToAllDispatcher::dispatch(const Tensor& x, const Tensor& probs
   const int p = ep_->rank(), q = etp_->rank();
   State& st = states_.start(key);
 
-  // 1. Local permutation over all E experts: rows (N_loc, H) expert-major, so the rows for local
-  //    expert g of EP rank j are one contiguous chunk.
-  LocalPermutation perm = make_local_permutation(routing_map);
-  st.row_id_map = perm.row_id_map;
+  // 1. Rows per expert over all E experts, expert-major (N_loc, H): the rows for local expert g of EP
+  //    rank j are one contiguous chunk.
+  LocalPermutation perm;
+  perm.counts = ops::routing_counts(routing_map).to_vector<int64_t>();  // (E)
+  perm.num_rows = sum(perm.counts);
   st.N_local = perm.num_rows;
   st.local_counts = perm.counts;
   st.local_offsets.assign(static_cast<size_t>(E_), 0);
   for (int64_t e = 1; e < E_; ++e)
     st.local_offsets[static_cast<size_t>(e)] = st.local_offsets[static_cast<size_t>(e - 1)] + perm.counts[static_cast<size_t>(e - 1)];
   // The send buffer packs the chunks of the other EP ranks, expert-major: experts below mine (the
-  // left block), then above (the right block). Row maps of each block, and of each of my experts
-  // (rows from 0 within its chunk), come from one permute_index with these offsets.
+  // left block), then above (the right block).
   const int64_t lo = p * G_, hi = lo + G_;
   const int64_t own_end = st.local_offsets[static_cast<size_t>(hi - 1)] + perm.counts[static_cast<size_t>(hi - 1)];
   st.n_left = st.local_offsets[static_cast<size_t>(lo)];
   st.n_right = st.N_local - own_end;
   st.packed_offsets.assign(static_cast<size_t>(E_), 0);
-  std::vector<int64_t> block_offsets(static_cast<size_t>(E_), 0);  // (E) first row within its block
   for (int64_t e = 0; e < E_; ++e) {
     const size_t i = static_cast<size_t>(e);
-    if (e < lo) {
-      st.packed_offsets[i] = block_offsets[i] = st.local_offsets[i];
-    } else if (e >= hi) {
-      block_offsets[i] = st.local_offsets[i] - own_end;
-      st.packed_offsets[i] = st.n_left + block_offsets[i];
-    }
+    if (e < lo) st.packed_offsets[i] = st.local_offsets[i];
+    else if (e >= hi) st.packed_offsets[i] = st.n_left + st.local_offsets[i] - own_end;
   }
-  Tensor block_map = Tensor::empty(routing_map.shape(), DType::i32, routing_map.device());  // (T, E)
-  ops::permute_index(routing_map, block_offsets, block_map);
-  if (lo > 0) st.map_left = ops::gather_columns(block_map, 0, lo);
-  if (hi < E_) st.map_right = ops::gather_columns(block_map, hi, E_ - hi);
-  for (int64_t g = 0; g < G_; ++g) st.map_self.push_back(ops::gather_columns(block_map, lo + g, 1));
 
   // 2. Counts of every (ETP, EP) source for every expert: C (M, E), gathered once per dispatch
   //    (one round of point-to-point transfers: every member sends its counts to every other);
@@ -273,6 +237,18 @@ DispatchOutput AllToAllDispatcher::dispatch(const Tensor& x, const Tensor& probs
     }
   st.N_recv = sum(st.recv_counts);
   st.N_g = sum(st.etp_rows);
+  // The row map of the permute and of the combine (T, E) i32: route (t, e) → its row in [the packed rows of the other EP
+  // ranks (n_left + n_right); this rank's (N_recv) rows in [local expert][EP source] order], where
+  // the rows of my local expert g start at recv_offsets[p·G + g] (the expert's rows in token order,
+  // as the permute put them).
+  {
+    const int64_t n_packed = st.n_left + st.n_right;
+    std::vector<int64_t> row_offsets = st.packed_offsets;  // (E)
+    for (int64_t g = 0; g < G_; ++g)
+      row_offsets[static_cast<size_t>(lo + g)] = n_packed + st.recv_offsets[static_cast<size_t>(p * G_ + g)];
+    st.row_id_map = Tensor::empty(routing_map.shape(), DType::i32, routing_map.device());
+    ops::permute_index(routing_map, row_offsets, st.row_id_map);
+  }
   MOE_CHECK_CODE(st.etp_rows[static_cast<size_t>(q)] == st.N_recv, ErrorCode::internal,
                  "AllToAllDispatcher: this rank receives ", st.N_recv, " rows over EP but the count table says ",
                  st.etp_rows[static_cast<size_t>(q)]);
@@ -315,9 +291,10 @@ void AllToAllDispatcher::check_conservation(const State& st, const Tensor& routi
 
 Tensor AllToAllDispatcher::combine(const Tensor& y, int64_t key) {
   const State& st = states_.find(key, "AllToAllDispatcher::combine");
-  Tensor local = reverse_path(st, y);  // (N_loc, H)
+  Tensor own;                                // (N_recv, H) [local expert][EP source]
+  Tensor back = reverse_path(st, y, own);    // (N_loc − own, H) packed
   Tensor out = Tensor::empty({st.row_id_map.size(0), y.size(1)}, y.dtype(), y.device());  // (T, H)
-  ops::unpermute(st.row_id_map, local, out);
+  ops::unpermute2(st.row_id_map, back, own, out);
   return out;
 }
 
@@ -329,10 +306,10 @@ Tensor AllToAllDispatcher::combine_backward(const Tensor& dout, int64_t key) {
 void AllToAllDispatcher::dispatch_backward(const Tensor& drows, const Tensor& drow_probs, Tensor& dx,
                                            Tensor& dprobs, int64_t key) {
   const State& st = states_.find(key, "AllToAllDispatcher::dispatch_backward");
-  Tensor local_dp;                                                 // (N_loc)
-  Tensor local = reverse_path(st, drows, &drow_probs, &local_dp);  // (N_loc, H)
-  ops::unpermute(st.row_id_map, local, dx);
-  ops::scatter_rows_to_map(st.row_id_map, local_dp, dprobs);
+  Tensor own, own_dp, back_dp;  // (N_recv, H), (N_recv), (N_loc − own)
+  Tensor back = reverse_path(st, drows, own, &drow_probs, &back_dp, &own_dp);  // (N_loc − own, H) packed
+  ops::unpermute2(st.row_id_map, back, own, dx);
+  ops::scatter_rows_to_map2(st.row_id_map, back_dp, own_dp, dprobs);
   states_.release(key);
 }
 

@@ -17,6 +17,7 @@
 
 #include "common/test_util.h"
 #include "device/ops.h"
+#include "device/ops_check.h"
 #include "kernels/common/rng.h"
 #include "moecore/backend.h"
 
@@ -457,6 +458,61 @@ TEST(CudaOps, PermuteUnpermuteAndScatter) {
   ops::permute(put(rid, gpu()), put(in, gpu()), og);
   ops::permute(rid, in, oc);
   EXPECT_TRUE(bit_equal(og, oc)) << "i32 rows";
+}
+
+// The all-to-all dispatcher's two-buffer forms on the GPU: permute2 writes the bytes of the CPU's
+// one-output permute into its two outputs (rows of out2 the map does not name untouched), and
+// unpermute2 / scatter_rows_to_map2 over [in; in2] equal the CPU's one-input results on the
+// concatenation (the unweighted sum bit for bit, the weighted one within a few ulps as above).
+TEST(CudaOps, TwoBufferPermuteAndUnpermute) {
+  uint64_t seed = 850;
+  for (DType dt : {DType::f32, DType::bf16, DType::f64})
+    for (int64_t H : {int64_t{7}, int64_t{64}}) {
+      const int64_t T = 45, E = 6, extra = 2;
+      std::vector<uint8_t> m = random_map(T, E, 2, 4, ++seed);
+      Tensor rid = cpu_row_id_map(m, T, E);
+      int64_t N = 0;
+      for (uint8_t v : m) N += v;
+      const DType pdt = ops::prob_dtype_for(dt);
+      Tensor in = test::randn({T, H}, dt, ++seed);
+      Tensor probs = test::uniform({T, E}, pdt, ++seed, 0.0, 1.0);
+      Tensor rows = test::randn({N, H}, dt, ++seed);
+      Tensor w = test::uniform({N}, pdt, ++seed, 0.1, 2.0);
+      // CPU references: the one-buffer ops.
+      Tensor ref_out = Tensor::empty({N, H}, dt), ref_p = Tensor::empty({N}, pdt);
+      ops::permute(rid, in, ref_out, &probs, &ref_p);
+      Tensor ref_back = Tensor::empty({T, H}, dt), ref_back_w = Tensor::empty({T, H}, dt);
+      ops::unpermute(rid, rows, ref_back);
+      ops::unpermute(rid, rows, ref_back_w, &w);
+      Tensor ref_pg = Tensor::empty({T, E}, pdt);
+      ops::scatter_rows_to_map(rid, w, ref_pg);
+      for (int64_t n1 : {int64_t{0}, N / 3, N}) {
+        SCOPED_TRACE(std::string(dtype_name(dt)) + " H=" + std::to_string(H) + " split at " + std::to_string(n1));
+        Tensor r = put(rid, gpu()), pr = put(probs, gpu());
+        Tensor a = Tensor::empty({n1, H}, dt, gpu()), a_p = Tensor::empty({n1}, pdt, gpu());
+        Tensor b = test::randn({N - n1 + extra, H}, dt, ++seed, 1.0, gpu());
+        Tensor b_p = test::uniform({N - n1 + extra}, pdt, ++seed, 0.0, 1.0, gpu());
+        Tensor b_tail = b.narrow(N - n1, extra).to(Device::cpu()), b_p_tail = b_p.narrow(N - n1, extra).to(Device::cpu());
+        ops::permute2(r, put(in, gpu()), a, b, N - n1, &pr, &a_p, &b_p);
+        EXPECT_TRUE(bit_equal(a, ref_out.narrow(0, n1))) << "permute2 out";
+        EXPECT_TRUE(bit_equal(b.narrow(0, N - n1), ref_out.narrow(n1, N - n1))) << "permute2 out2";
+        EXPECT_TRUE(bit_equal(a_p, ref_p.narrow(0, n1))) << "permute2 out_probs";
+        EXPECT_TRUE(bit_equal(b_p.narrow(0, N - n1), ref_p.narrow(n1, N - n1))) << "permute2 out_probs2";
+        EXPECT_TRUE(bit_equal(b.narrow(N - n1, extra), b_tail)) << "permute2: rows the map does not name";
+        EXPECT_TRUE(bit_equal(b_p.narrow(N - n1, extra), b_p_tail)) << "permute2: probs the map does not name";
+        Tensor ra = put(rows.narrow(0, n1).clone(), gpu()), rb = put(rows.narrow(n1, N - n1).clone(), gpu());
+        Tensor wa = put(w.narrow(0, n1).clone(), gpu()), wb = put(w.narrow(n1, N - n1).clone(), gpu());
+        Tensor back = Tensor::empty({T, H}, dt, gpu()), back_w = Tensor::empty({T, H}, dt, gpu());
+        ops::unpermute2(r, ra, rb, back);
+        ops::unpermute2(r, ra, rb, back_w, &wa, &wb);
+        EXPECT_TRUE(bit_equal(back, ref_back)) << "unpermute2";
+        EXPECT_TRUE(close(back_w, ref_back_w, dt == DType::f64 ? Tol{1e-14, 1e-14} : tol_for(dt)))
+            << "weighted unpermute2";
+        Tensor pg = Tensor::empty({T, E}, pdt, gpu());
+        ops::scatter_rows_to_map2(r, wa, wb, pg);
+        EXPECT_TRUE(bit_equal(pg, ref_pg)) << "scatter_rows_to_map2";
+      }
+    }
 }
 
 TEST(CudaOps, ChunkSort) {

@@ -11,6 +11,7 @@
 #include "kernels/cpu/cpu_kernels.h"
 
 using namespace moe;
+using moe::test::expect_error;
 using moe::test::all_close;
 using moe::test::bit_equal;
 using moe::test::check_grad;
@@ -173,14 +174,6 @@ TEST(Activation, ZeroRowsAndThreadCountInvariance) {
 }
 
 TEST(Activation, ErrorsNameTheProblem) {
-  auto expect_error = [](auto&& f, const std::string& needle) {
-    try {
-      f();
-      ADD_FAILURE() << "no error; expected one mentioning '" << needle << "'";
-    } catch (const Error& e) {
-      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-    }
-  };
   Tensor odd = randn({3, 5}, DType::f32, 1), out = Tensor::empty({3, 2}, DType::f32);
   expect_error([&] { ops::act_fwd(Activation::silu, true, odd, nullptr, out); }, "even width");
   Tensor in = randn({3, 8}, DType::f32, 2), bad_out = Tensor::empty({3, 8}, DType::f32);

@@ -15,6 +15,7 @@
 #include "kernels/cpu/cpu_kernels.h"
 
 using namespace moe;
+using moe::test::expect_error;
 using moe::test::all_close;
 using moe::test::bit_equal;
 using moe::test::randn;
@@ -373,6 +374,110 @@ TEST(ScatterRowsToMap, WritesRowValuesAtRoutedEntriesAndZerosElsewhere) {
   }
 }
 
+// The all-to-all dispatcher's permute into two buffers (the send rows, and this rank's own rows in
+// place among the rows it receives) must write the bytes of the one-output permute on their
+// concatenation, rows and probs, for every split; rows of out2 the map does not name stay as they
+// were; a map naming the wrong number of rows fails.
+TEST(Permute, TwoOutputsAreTheConcatenationBitForBit) {
+  Routing r = make_routing(59, 8, 5, 15, /*dead=*/2, /*empty_every=*/7);
+  Tensor rid = row_id_map_of(r);
+  const int64_t N = r.N(), extra = 3;  // out2 has 3 rows past the map's
+  for (int64_t H : {int64_t{13}, int64_t{1024}}) {
+    for (DType dt : {DType::f32, DType::bf16}) {
+      Tensor x = randn({r.T, H}, dt, 84);
+      for (DType pdt : {DType::f32, DType::f64}) {
+        Tensor probs = randn({r.T, r.E}, pdt, 85);
+        Tensor one = Tensor::empty({N, H}, dt), one_p = Tensor::empty({N}, pdt);
+        ops::permute(rid, x, one, &probs, &one_p);
+        for (int64_t n1 : {int64_t{0}, int64_t{1}, N / 2, N}) {
+          for (int threads : {1, 3}) {
+            Tensor a = Tensor::empty({n1, H}, dt), a_p = Tensor::empty({n1}, pdt);
+            Tensor b = randn({N - n1 + extra, H}, dt, 86), b_p = randn({N - n1 + extra}, pdt, 87);
+            Tensor b_tail = b.narrow(N - n1, extra).clone(), b_p_tail = b_p.narrow(N - n1, extra).clone();
+            with_threads(threads, [&] { ops::permute2(rid, x, a, b, N - n1, &probs, &a_p, &b_p); });
+            const std::string what = std::string(dtype_name(dt)) + "/" + dtype_name(pdt) + " H=" + std::to_string(H) +
+                                     " split at " + std::to_string(n1) + ", " + std::to_string(threads) + " threads";
+            ASSERT_TRUE(bit_equal(one.narrow(0, n1), a)) << what;
+            ASSERT_TRUE(bit_equal(one.narrow(n1, N - n1), b.narrow(0, N - n1))) << what;
+            ASSERT_TRUE(bit_equal(one_p.narrow(0, n1), a_p)) << what;
+            ASSERT_TRUE(bit_equal(one_p.narrow(n1, N - n1), b_p.narrow(0, N - n1))) << what;
+            ASSERT_TRUE(bit_equal(b.narrow(N - n1, extra), b_tail)) << what << ": rows the map does not name changed";
+            ASSERT_TRUE(bit_equal(b_p.narrow(N - n1, extra), b_p_tail)) << what;
+          }
+        }
+      }
+    }
+  }
+  // Without probs, and a map naming another number of out2 rows than claimed.
+  Tensor x = randn({r.T, 5}, DType::f32, 88);
+  Tensor a = Tensor::empty({N / 2, 5}, DType::f32), b = Tensor::empty({N - N / 2, 5}, DType::f32);
+  ops::permute2(rid, x, a, b, N - N / 2);
+  Tensor one = Tensor::empty({N, 5}, DType::f32);
+  ops::permute(rid, x, one);
+  EXPECT_TRUE(bit_equal(one.narrow(N / 2, N - N / 2), b));
+  EXPECT_THROW(ops::permute2(rid, x, a, b, N - N / 2 - 1), Error);
+  Tensor b_short = Tensor::empty({N - N / 2 - 1, 5}, DType::f32);
+  EXPECT_THROW(ops::permute2(rid, x, a, b_short, N - N / 2 - 1), Error);
+}
+
+// The all-to-all combine's unpermute over two buffers (the peers' rows, and this rank's own rows
+// where they are) must be the one-input unpermute over their concatenation, bit for bit: every
+// dtype, weighted or not, with the dprobs scatter, the split anywhere (first / last buffer empty
+// too), tokens with 0..6 copies, row lengths with a vector tail, and 1 or 3 threads.
+TEST(Unpermute, TwoInputsAreTheConcatenationBitForBit) {
+  Routing r = make_routing(67, 8, 6, 14, /*dead=*/5, /*empty_every=*/11);
+  Tensor rid = row_id_map_of(r);
+  const int64_t N = r.N();
+  for (int64_t H : {int64_t{53}, int64_t{1100}}) {
+    for (DType dt : {DType::f32, DType::bf16, DType::f64, DType::f16}) {
+      Tensor y = randn({N, H}, dt, 80, 2.0);  // (N, H)
+      if (dt == DType::f32) y.data_as<float>()[H + 3] = -0.0f;
+      for (DType wdt : {DType::f32, DType::f64}) {
+        Tensor w = randn({N}, wdt, 81);  // (N) row weights, and the dprobs row values
+        for (int64_t n1 : {int64_t{0}, int64_t{1}, N / 3, N - 1, N}) {
+          // Two separate buffers (clones, not views of y).
+          Tensor a = y.narrow(0, n1).clone(), b = y.narrow(n1, N - n1).clone();
+          Tensor wa = w.narrow(0, n1).clone(), wb = w.narrow(n1, N - n1).clone();
+          for (bool weighted : {false, true}) {
+            for (int threads : {1, 3}) {
+              Tensor one = Tensor::empty({r.T, H}, dt), two = Tensor::empty({r.T, H}, dt);
+              with_threads(threads, [&] {
+                ops::unpermute(rid, y, one, weighted ? &w : nullptr);
+                ops::unpermute2(rid, a, b, two, weighted ? &wa : nullptr, weighted ? &wb : nullptr);
+              });
+              ASSERT_TRUE(bit_equal(one, two)) << dtype_name(dt) << " H=" << H << " weights " << dtype_name(wdt)
+                                               << " weighted=" << weighted << " split at " << n1 << " of " << N
+                                               << ", " << threads << " threads";
+            }
+          }
+          Tensor pg1 = randn({r.T, r.E}, wdt, 82), pg2 = randn({r.T, r.E}, wdt, 83);  // overwritten
+          ops::scatter_rows_to_map(rid, w, pg1);
+          ops::scatter_rows_to_map2(rid, wa, wb, pg2);
+          ASSERT_TRUE(bit_equal(pg1, pg2)) << "dprobs scatter, " << dtype_name(wdt) << ", split at " << n1;
+        }
+      }
+    }
+  }
+}
+
+TEST(Unpermute, TwoInputErrorsNameTheMismatch) {
+  Routing r = make_routing(10, 4, 2, 9);
+  Tensor rid = row_id_map_of(r);
+  const int64_t N = r.N();
+  Tensor a = randn({3, 5}, DType::f32, 90), b_short = randn({N - 4, 5}, DType::f32, 91);
+  Tensor out = Tensor::empty({10, 5}, DType::f32);
+  expect_error([&] { ops::unpermute2(rid, a, b_short, out); }, "point past the");
+  Tensor b_wide = randn({N - 3, 6}, DType::f32, 92), b_bf = randn({N - 3, 5}, DType::bf16, 93);
+  expect_error([&] { ops::unpermute2(rid, a, b_wide, out); }, "in2 must be");
+  expect_error([&] { ops::unpermute2(rid, a, b_bf, out); }, "in2 must be");
+  Tensor b = randn({N - 3, 5}, DType::f32, 94), wa = randn({3}, DType::f32, 95), wb = randn({N - 3}, DType::f64, 96);
+  expect_error([&] { ops::unpermute2(rid, a, b, out, &wa, nullptr); }, "row_weights2");
+  expect_error([&] { ops::unpermute2(rid, a, b, out, &wa, &wb); }, "dtypes differ");
+  Tensor va = randn({3}, DType::f32, 97), vb_short = randn({N - 4}, DType::f32, 98);
+  Tensor pg = Tensor::empty({10, 4}, DType::f32);
+  expect_error([&] { ops::scatter_rows_to_map2(rid, va, vb_short, pg); }, "point past the");
+}
+
 TEST(ChunkSort, ReordersChunksBitExactAndInverts) {
   // 3 sources × 4 local experts, some chunks empty: [source][expert] → [expert][source] and back.
   const int64_t S = 3, L = 4, H = 7;
@@ -429,14 +534,6 @@ TEST(Permute, ErrorsNameTheMismatch) {
   Routing r = make_routing(10, 4, 2, 9);
   Tensor rid = row_id_map_of(r);
   Tensor x = randn({10, 3}, DType::f32, 100);
-  auto expect_error = [](auto&& f, const std::string& needle) {
-    try {
-      f();
-      ADD_FAILURE() << "no error; expected one mentioning '" << needle << "'";
-    } catch (const Error& e) {
-      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-    }
-  };
   // out with too few / too many rows for the map: caught instead of writing out of bounds.
   Tensor small = Tensor::empty({r.N() - 1, 3}, DType::f32), big = Tensor::empty({r.N() + 1, 3}, DType::f32);
   expect_error([&] { ops::permute(rid, x, small); }, "point past the");

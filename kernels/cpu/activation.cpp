@@ -24,6 +24,7 @@
 
 #include "kernels/cpu/cpu_kernels.h"
 #include "kernels/cpu/dispatch.h"
+#include "kernels/cpu/simd.h"
 
 namespace moe {
 
@@ -90,85 +91,12 @@ A row_scale_of(const void* scale, int64_t r) {
     return static_cast<A>(static_cast<const S*>(scale)[r]);
 }
 
-// ---- the vectorised f32 silu path ------------------------------------------------------------------
-// Written with GCC/Clang vector extensions (16 f32 lanes; the compiler splits them for narrower
-// ISAs), so the vectorisation does not depend on what the auto-vectoriser manages to prove.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MOE_ACT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define MOE_ACT_CLONES
-#endif
-#define MOE_ALWAYS_INLINE inline __attribute__((always_inline))
-// The helpers below pass vectors by value but are always inlined, so no call ABI is involved.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
-constexpr int64_t kLanes = 16;
-typedef float vf __attribute__((vector_size(kLanes * 4)));
-typedef int32_t vi __attribute__((vector_size(kLanes * 4)));
-typedef uint32_t vu __attribute__((vector_size(kLanes * 4)));
-typedef uint16_t vh __attribute__((vector_size(kLanes * 2)));
-
-MOE_ALWAYS_INLINE vf splat(float v) { return vf{} + v; }
-MOE_ALWAYS_INLINE vf load(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-MOE_ALWAYS_INLINE void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-// bf16: the 16 bits are the high half of the f32.
-MOE_ALWAYS_INLINE vf load(const bf16* p) {
-  vh h;
-  std::memcpy(&h, p, sizeof h);
-  return (vf)(__builtin_convertvector(h, vu) << 16);
-}
-// Round to nearest even, NaN kept NaN (quiet): float_to_bf16 on every lane.
-MOE_ALWAYS_INLINE void store(bf16* p, vf v) {
-  const vu u = (vu)v;
-  const vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  const vu nan = (u >> 16) | 0x40u;
-  const vu r = (u & 0x7fffffffu) > 0x7f800000u ? nan : rounded;
-  const vh h = __builtin_convertvector(r, vh);
-  std::memcpy(static_cast<void*>(p), &h, sizeof h);
-}
-// The first n lanes from p, zeros after (n < kLanes).
-template <class T>
-MOE_ALWAYS_INLINE vf load_part(const T* p, int64_t n, float fill) {
-  float t[kLanes];
-  for (int64_t i = 0; i < kLanes; ++i) t[i] = i < n ? to_acc(p[i]) : fill;
-  return load(t);
-}
-template <class T>
-MOE_ALWAYS_INLINE void store_part(T* p, vf v, int64_t n) {
-  float t[kLanes];
-  store(t, v);
-  for (int64_t i = 0; i < n; ++i) p[i] = from_acc<T>(t[i]);
-}
-
-// exp(x) per lane without a libm call: x = n·ln2 + r, |r| ≤ ln2/2, exp(r) by Cephes' degree-6
-// polynomial, times 2^n built in the exponent bits. x is clamped to [−87.3, 88.3] (2^n stays a
-// normal float; exp saturates at 2.2e38 / 1.2e−38 there); NaN passes through.
-MOE_ALWAYS_INLINE vf exp_f32(vf x) {
-  x = x > 88.3f ? splat(88.3f) : x;
-  x = x < -87.3f ? splat(-87.3f) : x;
-  const float kShift = 12582912.0f;  // 1.5·2^23: adding it rounds to an integer in the low bits
-  const vf t = x * 1.44269504088896341f + kShift;
-  const vf n = t - kShift;
-  const vf scale = (vf)(((vi)t - (0x4B400000 - 127)) << 23);  // 2^n
-  const vf r = (x - n * 0.693359375f) - n * -2.12194440e-4f;  // ln2 split in a hi and a lo part
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  return p * scale;
-}
-MOE_ALWAYS_INLINE vf sigmoid_f32(vf x) { return 1.0f / (1.0f + exp_f32(-x)); }
+// ---- the vectorised f32 / bf16 silu path (kernels/cpu/simd.h: 16-lane vectors, polynomial exp) ----
+using namespace cpu::simd;
 
 // o (F) = silu(x_a) · x_b · s (glu: x = [a | b]) or silu(x) · s. T: f32 or bf16 storage.
 template <class T>
-MOE_ALWAYS_INLINE void silu_fwd_row_impl(const T* x, float s, T* o, int64_t F, bool glu) {
+MOE_SIMD_INLINE void silu_fwd_row_impl(const T* x, float s, T* o, int64_t F, bool glu) {
   const T* xb = glu ? x + F : nullptr;
   int64_t f = 0;
   for (; f + kLanes <= F; f += kLanes) {
@@ -188,7 +116,7 @@ MOE_ALWAYS_INLINE void silu_fwd_row_impl(const T* x, float s, T* o, int64_t F, b
 
 // 16 lanes of the backward: a, b (the GLU partner; 1 without), d = dout → dx_a, dx_b, and
 // acc += dout · act · b (∂o/∂s summed lane-wise).
-MOE_ALWAYS_INLINE void silu_bwd_block(vf a, vf b, vf d, float s, vf& da, vf& db, vf& acc) {
+MOE_SIMD_INLINE void silu_bwd_block(vf a, vf b, vf d, float s, vf& da, vf& db, vf& acc) {
   const vf sg = sigmoid_f32(a);
   const vf act = a * sg, dact = sg * (1.0f + a * (1.0f - sg)), g = d * s;
   da = g * b * dact;
@@ -199,7 +127,7 @@ MOE_ALWAYS_INLINE void silu_bwd_block(vf a, vf b, vf d, float s, vf& da, vf& db,
 // dx = ∂o/∂x · dy for the row (dx may be x itself: every block is loaded before it is stored);
 // returns Σ_f dy · o / s, the lane sums added in a fixed order.
 template <class T>
-MOE_ALWAYS_INLINE float silu_bwd_row_impl(const T* x, float s, const T* dy, T* dx, int64_t F, bool glu) {
+MOE_SIMD_INLINE float silu_bwd_row_impl(const T* x, float s, const T* dy, T* dx, int64_t F, bool glu) {
   vf acc = splat(0.0f), da, db;
   int64_t f = 0;
   for (; f + kLanes <= F; f += kLanes) {
@@ -221,16 +149,16 @@ MOE_ALWAYS_INLINE float silu_bwd_row_impl(const T* x, float s, const T* dy, T* d
 }
 
 // The row functions, one clone set per storage type.
-MOE_ACT_CLONES void silu_fwd_row(const float* x, float s, float* o, int64_t F, bool glu) {
+MOE_SIMD_CLONES void silu_fwd_row(const float* x, float s, float* o, int64_t F, bool glu) {
   silu_fwd_row_impl(x, s, o, F, glu);
 }
-MOE_ACT_CLONES void silu_fwd_row(const bf16* x, float s, bf16* o, int64_t F, bool glu) {
+MOE_SIMD_CLONES void silu_fwd_row(const bf16* x, float s, bf16* o, int64_t F, bool glu) {
   silu_fwd_row_impl(x, s, o, F, glu);
 }
-MOE_ACT_CLONES float silu_bwd_row(const float* x, float s, const float* dy, float* dx, int64_t F, bool glu) {
+MOE_SIMD_CLONES float silu_bwd_row(const float* x, float s, const float* dy, float* dx, int64_t F, bool glu) {
   return silu_bwd_row_impl(x, s, dy, dx, F, glu);
 }
-MOE_ACT_CLONES float silu_bwd_row(const bf16* x, float s, const bf16* dy, bf16* dx, int64_t F, bool glu) {
+MOE_SIMD_CLONES float silu_bwd_row(const bf16* x, float s, const bf16* dy, bf16* dx, int64_t F, bool glu) {
   return silu_bwd_row_impl(x, s, dy, dx, F, glu);
 }
 

@@ -31,6 +31,7 @@
 
 #include "kernels/cpu/cpu_kernels.h"
 #include "kernels/cpu/dispatch.h"
+#include "kernels/cpu/simd.h"
 
 namespace moe {
 
@@ -46,12 +47,7 @@ constexpr int64_t kBk = 64;  // keys per block
 // cost more than it saves; finite-difference tests make thousands of tiny calls).
 constexpr int64_t kParallelWork = int64_t{1} << 20;
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MOE_ATTN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define MOE_ATTN_CLONES
-#endif
-#define MOE_ATTN_INLINE inline __attribute__((always_inline))
+using namespace cpu::simd;  // vf, load / store, exp_f32_flush (kernels/cpu/simd.h)
 
 template <class A>
 constexpr A neg_inf() {
@@ -80,7 +76,7 @@ std::vector<PosRange> block_ranges(const int64_t* pos, int64_t n, int64_t bs) {
 enum class Vis { none, some, all };
 // A key block against a query block: no key visible to any query, every key visible to every
 // query, or a mix (then the mask is applied element by element).
-MOE_ATTN_INLINE Vis visibility(PosRange q, PosRange k) {
+MOE_SIMD_INLINE Vis visibility(PosRange q, PosRange k) {
   if (k.lo > q.hi) return Vis::none;
   if (k.hi <= q.lo) return Vis::all;
   return Vis::some;
@@ -89,14 +85,14 @@ MOE_ATTN_INLINE Vis visibility(PosRange q, PosRange k) {
 // ---- block helpers -----------------------------------------------------------------------------
 // dst (n, hd) = mul · rows of src (row r at src + r·stride), in the compute type.
 template <class T, class A>
-MOE_ATTN_INLINE void load_rows(const T* src, int64_t stride, int64_t n, int64_t hd, A mul, A* __restrict dst) {
+MOE_SIMD_INLINE void load_rows(const T* src, int64_t stride, int64_t n, int64_t hd, A mul, A* __restrict dst) {
   for (int64_t r = 0; r < n; ++r)
     for (int64_t d = 0; d < hd; ++d) dst[r * hd + d] = mul * to_acc(src[r * stride + d]);
 }
 
 // dst (hd, kBk) = the same rows transposed, dst[d·kBk + j] = src row j element d; columns j ≥ n are 0.
 template <class T, class A>
-MOE_ATTN_INLINE void load_rows_t(const T* src, int64_t stride, int64_t n, int64_t hd, A* __restrict dst) {
+MOE_SIMD_INLINE void load_rows_t(const T* src, int64_t stride, int64_t n, int64_t hd, A* __restrict dst) {
   for (int64_t d = 0; d < hd; ++d)
     for (int64_t j = n; j < kBk; ++j) dst[d * kBk + j] = A(0);
   for (int64_t j = 0; j < n; ++j)
@@ -105,7 +101,7 @@ MOE_ATTN_INLINE void load_rows_t(const T* src, int64_t stride, int64_t n, int64_
 
 // Rows of dst (T, row r at dst + r·stride) = mul · src (n, hd).
 template <class T, class A>
-MOE_ATTN_INLINE void store_rows(const A* __restrict src, int64_t n, int64_t hd, A mul, T* dst, int64_t stride) {
+MOE_SIMD_INLINE void store_rows(const A* __restrict src, int64_t n, int64_t hd, A mul, T* dst, int64_t stride) {
   for (int64_t r = 0; r < n; ++r)
     for (int64_t d = 0; d < hd; ++d) dst[r * stride + d] = from_acc<T>(mul * src[r * hd + d]);
 }
@@ -113,7 +109,7 @@ MOE_ATTN_INLINE void store_rows(const A* __restrict src, int64_t n, int64_t hd, 
 // s (rows, kBk) = a (rows, hd) · bt (hd, kBk): per row a sum of hd rank-1 updates, the inner loop
 // over the kBk keys (a small GEMM; used for S = Q Kᵀ and dP = dO Vᵀ).
 template <class A>
-MOE_ATTN_INLINE void block_gemm_nt(const A* __restrict a, const A* __restrict bt, int64_t rows, int64_t hd,
+MOE_SIMD_INLINE void block_gemm_nt(const A* __restrict a, const A* __restrict bt, int64_t rows, int64_t hd,
                                    A* __restrict s) {
   for (int64_t i = 0; i < rows; ++i) {
     A* si = s + i * kBk;
@@ -126,10 +122,34 @@ MOE_ATTN_INLINE void block_gemm_nt(const A* __restrict a, const A* __restrict bt
   }
 }
 
+// f32: four rows at a time, their 4 × kBk sums held in registers across the hd loop, so each
+// loaded row of bt feeds four rows; every sum still adds its terms in d order (the same bits).
+MOE_SIMD_INLINE void block_gemm_nt(const float* __restrict a, const float* __restrict bt, int64_t rows, int64_t hd,
+                                   float* __restrict s) {
+  constexpr int64_t R = 4, NV = kBk / kLanes;
+  int64_t i = 0;
+  for (; i + R <= rows; i += R) {
+    vf acc[R][NV];
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t v = 0; v < NV; ++v) acc[r][v] = splat(0.0f);
+    for (int64_t d = 0; d < hd; ++d) {
+      vf b[NV];
+      for (int64_t v = 0; v < NV; ++v) b[v] = load(bt + d * kBk + v * kLanes);
+      for (int64_t r = 0; r < R; ++r) {
+        const vf ad = splat(a[(i + r) * hd + d]);
+        for (int64_t v = 0; v < NV; ++v) acc[r][v] += ad * b[v];
+      }
+    }
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t v = 0; v < NV; ++v) store(s + (i + r) * kBk + v * kLanes, acc[r][v]);
+  }
+  if (i < rows) block_gemm_nt<float>(a + i * hd, bt, rows - i, hd, s + i * kBk);
+}
+
 // s (rows, kBk) = −inf where key j is not visible to query i: j ≥ nk, or (unless the whole block
 // is visible) k_pos[j] > q_pos[i].
 template <class A>
-MOE_ATTN_INLINE void apply_mask(A* __restrict s, int64_t rows, int64_t nk, const int64_t* q_pos, const int64_t* k_pos,
+MOE_SIMD_INLINE void apply_mask(A* __restrict s, int64_t rows, int64_t nk, const int64_t* q_pos, const int64_t* k_pos,
                                 Vis vis) {
   for (int64_t i = 0; i < rows; ++i) {
     A* si = s + i * kBk;
@@ -140,46 +160,21 @@ MOE_ATTN_INLINE void apply_mask(A* __restrict s, int64_t rows, int64_t nk, const
   }
 }
 
-// s (kBk) = e^(s − sub) in place, −inf (a masked score) giving exactly 0.
-// f32: Cephes' expf polynomial on 16-lane GCC vector extensions (the auto-vectoriser leaves a
-// clamped scalar version alone under -ftrapping-math): x = n·ln2 + r, |r| ≤ ln2/2, 2^n built in the
-// exponent bits; x < −87.3 gives 0 (e^x < 1.2e−38 there, nothing next to the row maximum's
-// e^0 = 1), x > 88.3 saturates; NaN stays NaN.
-constexpr int64_t kLanes = 16;
-typedef float vf __attribute__((vector_size(kLanes * 4)));
-typedef int32_t vi __attribute__((vector_size(kLanes * 4)));
+// s (kBk) = e^(s − sub) in place, −inf (a masked score) giving exactly 0. f32: the polynomial
+// exp of kernels/cpu/simd.h (Cephes' expf coefficients, within 2 ulp of expf; the auto-vectoriser
+// leaves a clamped scalar version alone under -ftrapping-math), exactly 0 below −87.3.
 static_assert(kBk % kLanes == 0);
 
-MOE_ATTN_INLINE void exp_row(float* __restrict s, float sub) {
-  const vf zero = {};
-  for (int64_t j = 0; j < kBk; j += kLanes) {
-    vf x;
-    std::memcpy(&x, s + j, sizeof x);
-    x -= sub;
-    const vf xc = x < -87.3f ? zero - 87.3f : (x > 88.3f ? zero + 88.3f : x);
-    const float kShift = 12582912.0f;  // 1.5·2^23: adding it rounds to an integer in the low bits
-    const vf t = xc * 1.44269504088896341f + kShift;
-    const vf n = t - kShift;
-    const vf two_n = (vf)(((vi)t - (0x4B400000 - 127)) << 23);
-    const vf r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;  // ln2 split in a hi and a lo part
-    vf p = zero + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const vf e = x < -87.3f ? zero : p * two_n;
-    std::memcpy(s + j, &e, sizeof e);
-  }
+MOE_SIMD_INLINE void exp_row(float* __restrict s, float sub) {
+  for (int64_t j = 0; j < kBk; j += kLanes) store(s + j, exp_f32_flush(load(s + j) - sub));
 }
-MOE_ATTN_INLINE void exp_row(double* __restrict s, double sub) {
+MOE_SIMD_INLINE void exp_row(double* __restrict s, double sub) {
   for (int64_t j = 0; j < kBk; ++j) s[j] = std::exp(s[j] - sub);
 }
 
 // Σ_j s_j (kBk) in 8 lane sums added in a fixed order (vectorisable, and the same bits every time).
 template <class A>
-MOE_ATTN_INLINE A row_sum(const A* __restrict s) {
+MOE_SIMD_INLINE A row_sum(const A* __restrict s) {
   A lanes[8] = {};
   for (int64_t j = 0; j < kBk; j += 8)
     for (int64_t u = 0; u < 8; ++u) lanes[u] += s[j + u];
@@ -187,7 +182,7 @@ MOE_ATTN_INLINE A row_sum(const A* __restrict s) {
 }
 
 // max_j s_j (kBk); f32 in 16 lanes (a scalar max chain is latency bound), then across the lanes.
-MOE_ATTN_INLINE float row_max(const float* __restrict s) {
+MOE_SIMD_INLINE float row_max(const float* __restrict s) {
   vf m;
   std::memcpy(&m, s, sizeof m);
   for (int64_t j = kLanes; j < kBk; j += kLanes) {
@@ -199,7 +194,7 @@ MOE_ATTN_INLINE float row_max(const float* __restrict s) {
   for (int64_t u = 1; u < kLanes; ++u) r = m[u] > r ? m[u] : r;
   return r;
 }
-MOE_ATTN_INLINE double row_max(const double* __restrict s) {
+MOE_SIMD_INLINE double row_max(const double* __restrict s) {
   double m = s[0];
   for (int64_t j = 1; j < kBk; ++j) m = s[j] > m ? s[j] : m;
   return m;
@@ -210,7 +205,7 @@ MOE_ATTN_INLINE double row_max(const double* __restrict s) {
 // one by one), so each output element is loaded and stored once per call; every element still
 // sums its terms in j order.
 template <int64_t C, class A>
-MOE_ATTN_INLINE int64_t add_weighted_cols(A* __restrict out, const A* __restrict w, int64_t wstride,
+MOE_SIMD_INLINE int64_t add_weighted_cols(A* __restrict out, const A* __restrict w, int64_t wstride,
                                           const A* __restrict x, int64_t n, int64_t hd, int64_t d0) {
   for (; d0 + C <= hd; d0 += C) {
     A acc[C];
@@ -226,11 +221,49 @@ MOE_ATTN_INLINE int64_t add_weighted_cols(A* __restrict out, const A* __restrict
   return d0;
 }
 template <class A>
-MOE_ATTN_INLINE void add_weighted_rows(A* __restrict out, const A* __restrict w, int64_t wstride, const A* __restrict x,
+MOE_SIMD_INLINE void add_weighted_rows(A* __restrict out, const A* __restrict w, int64_t wstride, const A* __restrict x,
                                        int64_t n, int64_t hd) {
   int64_t d0 = add_weighted_cols<64>(out, w, wstride, x, n, hd, 0);
   d0 = add_weighted_cols<16>(out, w, wstride, x, n, hd, d0);
   add_weighted_cols<1>(out, w, wstride, x, n, hd, d0);
+}
+
+// out (n_out, hd; row o at out + o·hd) += W X: out_o += Σ_{j < n_in} w[o·os + j·js] · x_j (x_j at
+// x + j·hd), every element summing its terms in j order. f32 with hd a multiple of 16 up to 128
+// takes R rows at a time (R·hd/16 sums in registers across the j loop, each loaded x_j feeding R
+// rows) and no zero skipping (a zero weight adds an exact zero); the rest go row by row above.
+template <int64_t NV, int64_t R>
+MOE_SIMD_INLINE int64_t add_weighted_block_f32(float* __restrict out, const float* __restrict w, int64_t os,
+                                               int64_t js, const float* __restrict x, int64_t n_out, int64_t n_in) {
+  constexpr int64_t hd = NV * kLanes;
+  int64_t o = 0;
+  for (; o + R <= n_out; o += R) {
+    vf acc[R][NV];
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t v = 0; v < NV; ++v) acc[r][v] = load(out + (o + r) * hd + v * kLanes);
+    for (int64_t j = 0; j < n_in; ++j) {
+      vf xv[NV];
+      for (int64_t v = 0; v < NV; ++v) xv[v] = load(x + j * hd + v * kLanes);
+      for (int64_t r = 0; r < R; ++r) {
+        const vf wr = splat(w[(o + r) * os + j * js]);
+        for (int64_t v = 0; v < NV; ++v) acc[r][v] += wr * xv[v];
+      }
+    }
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t v = 0; v < NV; ++v) store(out + (o + r) * hd + v * kLanes, acc[r][v]);
+  }
+  return o;
+}
+template <class A>
+MOE_SIMD_INLINE void add_weighted_block(A* __restrict out, const A* __restrict w, int64_t os, int64_t js,
+                                        const A* __restrict x, int64_t n_out, int64_t n_in, int64_t hd) {
+  int64_t o = 0;
+  if constexpr (std::is_same_v<A, float>) {
+    if (hd == 32) o = add_weighted_block_f32<2, 6>(out, w, os, js, x, n_out, n_in);
+    else if (hd == 64) o = add_weighted_block_f32<4, 4>(out, w, os, js, x, n_out, n_in);
+    else if (hd == 128) o = add_weighted_block_f32<8, 2>(out, w, os, js, x, n_out, n_in);
+  }
+  for (; o < n_out; ++o) add_weighted_rows(out + o * hd, w + o * os, js, x, n_in, hd);
 }
 
 // ---- the problem, shared by both directions ------------------------------------------------------
@@ -267,7 +300,7 @@ struct FwdWork {
 
 // Task = (b, h, query block qb), flattened in that order.
 template <class T>
-MOE_ATTN_INLINE void fwd_task(const AttnFwdArgs& a, const Plan& p, int64_t task, FwdWork<acc_t<T>>& w) {
+MOE_SIMD_INLINE void fwd_task(const AttnFwdArgs& a, const Plan& p, int64_t task, FwdWork<acc_t<T>>& w) {
   using A = acc_t<T>;
   const int64_t qb = task % p.nqb, h = (task / p.nqb) % p.nq, b = task / (p.nqb * p.nq), g = h / p.r, hd = p.hd;
   const int64_t i0 = qb * kBq, ni = std::min(kBq, p.Sq - i0);
@@ -294,7 +327,10 @@ MOE_ATTN_INLINE void fwd_task(const AttnFwdArgs& a, const Plan& p, int64_t task,
     for (int64_t i = 0; i < ni; ++i) {
       A* si = s + i * kBk;
       const A mb = row_max(si);
-      if (mb == neg_inf<A>()) continue;  // no visible key in this block
+      if (mb == neg_inf<A>()) {  // no visible key in this block: P_i = 0, the row's state unchanged
+        std::fill(si, si + kBk, A(0));
+        continue;
+      }
       const A m_new = std::max(m[i], mb);
       const A corr = std::exp(m[i] - m_new);  // 0 while m_i is −inf
       exp_row(si, m_new);                      // P_ij = e^(S_ij − m')
@@ -303,8 +339,8 @@ MOE_ATTN_INLINE void fwd_task(const AttnFwdArgs& a, const Plan& p, int64_t task,
       A* oi = o + i * hd;
       if (corr != A(1))
         for (int64_t d = 0; d < hd; ++d) oi[d] *= corr;
-      add_weighted_rows(oi, si, 1, w.v.data(), nk, hd);  // O_i += Σ_j P_ij v_j
     }
+    add_weighted_block(o, s, kBk, 1, w.v.data(), ni, nk, hd);  // O_i += Σ_j P_ij v_j
   }
 
   T* out = static_cast<T*>(a.o) + p.q_off(i0, b, h);
@@ -318,16 +354,16 @@ MOE_ATTN_INLINE void fwd_task(const AttnFwdArgs& a, const Plan& p, int64_t task,
 }
 
 // The task function compiled per ISA (target_clones), one per storage type.
-MOE_ATTN_CLONES void fwd_task_f32(const AttnFwdArgs& a, const Plan& p, int64_t t, FwdWork<float>& w) {
+MOE_SIMD_CLONES void fwd_task_f32(const AttnFwdArgs& a, const Plan& p, int64_t t, FwdWork<float>& w) {
   fwd_task<float>(a, p, t, w);
 }
-MOE_ATTN_CLONES void fwd_task_f64(const AttnFwdArgs& a, const Plan& p, int64_t t, FwdWork<double>& w) {
+MOE_SIMD_CLONES void fwd_task_f64(const AttnFwdArgs& a, const Plan& p, int64_t t, FwdWork<double>& w) {
   fwd_task<double>(a, p, t, w);
 }
-MOE_ATTN_CLONES void fwd_task_bf16(const AttnFwdArgs& a, const Plan& p, int64_t t, FwdWork<float>& w) {
+MOE_SIMD_CLONES void fwd_task_bf16(const AttnFwdArgs& a, const Plan& p, int64_t t, FwdWork<float>& w) {
   fwd_task<bf16>(a, p, t, w);
 }
-MOE_ATTN_CLONES void fwd_task_f16(const AttnFwdArgs& a, const Plan& p, int64_t t, FwdWork<float>& w) {
+MOE_SIMD_CLONES void fwd_task_f16(const AttnFwdArgs& a, const Plan& p, int64_t t, FwdWork<float>& w) {
   fwd_task<f16>(a, p, t, w);
 }
 template <class T>
@@ -357,7 +393,7 @@ struct BwdWork {
 
 // Task = (b, kv head g), flattened in that order.
 template <class T>
-MOE_ATTN_INLINE void bwd_task(const AttnBwdArgs& a, const Plan& p, int64_t task, BwdWork<acc_t<T>>& w) {
+MOE_SIMD_INLINE void bwd_task(const AttnBwdArgs& a, const Plan& p, int64_t task, BwdWork<acc_t<T>>& w) {
   using A = acc_t<T>;
   const int64_t g = task % p.nkv, b = task / p.nkv, hd = p.hd, r = p.r;
   const T* Q = static_cast<const T*>(a.q);
@@ -411,16 +447,15 @@ MOE_ATTN_INLINE void bwd_task(const AttnBwdArgs& a, const Plan& p, int64_t task,
             exp_row(P + i * kBk, lse[i]);
         }
         // dV_j += Σ_i P_ij dO_i
-        for (int64_t j = 0; j < nk; ++j) add_weighted_rows(w.dv.data() + j * hd, P + j, kBk, w.dout.data(), ni, hd);
+        add_weighted_block(w.dv.data(), P, 1, kBk, w.dout.data(), nk, ni, hd);
         // dP = dO Vᵀ, dS = P ∘ (dP − D)
         block_gemm_nt(w.dout.data(), w.vt.data(), ni, hd, dS);
         for (int64_t i = 0; i < ni; ++i)
           for (int64_t j = 0; j < kBk; ++j) dS[i * kBk + j] = P[i * kBk + j] * (dS[i * kBk + j] - D[i]);
         // dQ_i += Σ_j dS_ij k_j
-        for (int64_t i = 0; i < ni; ++i)
-          add_weighted_rows(w.dq.data() + (hh * p.Sq + i0 + i) * hd, dS + i * kBk, 1, w.k.data(), nk, hd);
+        add_weighted_block(w.dq.data() + (hh * p.Sq + i0) * hd, dS, kBk, 1, w.k.data(), ni, nk, hd);
         // dK_j += Σ_i dS_ij (scale·q_i)
-        for (int64_t j = 0; j < nk; ++j) add_weighted_rows(w.dk.data() + j * hd, dS + j, kBk, w.q.data(), ni, hd);
+        add_weighted_block(w.dk.data(), dS, 1, kBk, w.q.data(), nk, ni, hd);
       }
     }
     store_rows(w.dk.data(), nk, hd, A(1), static_cast<T*>(a.dk) + p.kv_off(j0, b, g), p.kv_stride);
@@ -433,16 +468,16 @@ MOE_ATTN_INLINE void bwd_task(const AttnBwdArgs& a, const Plan& p, int64_t task,
                static_cast<T*>(a.dq) + p.q_off(0, b, g * r + hh), p.q_stride);
 }
 
-MOE_ATTN_CLONES void bwd_task_f32(const AttnBwdArgs& a, const Plan& p, int64_t t, BwdWork<float>& w) {
+MOE_SIMD_CLONES void bwd_task_f32(const AttnBwdArgs& a, const Plan& p, int64_t t, BwdWork<float>& w) {
   bwd_task<float>(a, p, t, w);
 }
-MOE_ATTN_CLONES void bwd_task_f64(const AttnBwdArgs& a, const Plan& p, int64_t t, BwdWork<double>& w) {
+MOE_SIMD_CLONES void bwd_task_f64(const AttnBwdArgs& a, const Plan& p, int64_t t, BwdWork<double>& w) {
   bwd_task<double>(a, p, t, w);
 }
-MOE_ATTN_CLONES void bwd_task_bf16(const AttnBwdArgs& a, const Plan& p, int64_t t, BwdWork<float>& w) {
+MOE_SIMD_CLONES void bwd_task_bf16(const AttnBwdArgs& a, const Plan& p, int64_t t, BwdWork<float>& w) {
   bwd_task<bf16>(a, p, t, w);
 }
-MOE_ATTN_CLONES void bwd_task_f16(const AttnBwdArgs& a, const Plan& p, int64_t t, BwdWork<float>& w) {
+MOE_SIMD_CLONES void bwd_task_f16(const AttnBwdArgs& a, const Plan& p, int64_t t, BwdWork<float>& w) {
   bwd_task<f16>(a, p, t, w);
 }
 template <class T>

@@ -1,16 +1,68 @@
 // Elementwise helpers, casts, row scaling, jitter, MSE and Adam on the CPU.
+//
+// axpby and the f32 <-> bf16 casts (the residual adds, gradient accumulation and the bf16 model's
+// conversions) run on 16-lane vectors (kernels/cpu/simd.h, compiled per ISA) in blocks of
+// kSpan elements split over threads above kParallelElems; every element is the same arithmetic
+// whichever thread or lane computes it. A bf16 store rounds to nearest-even like float_to_bf16,
+// so the casts give the same bits as the scalar loop.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "kernels/common/rng.h"
 #include "kernels/cpu/cpu_kernels.h"
 #include "kernels/cpu/dispatch.h"
+#include "kernels/cpu/simd.h"
 
 namespace moe {
 
 using cpu::acc_t;
 using cpu::from_acc;
 using cpu::to_acc;
+
+namespace {
+
+using namespace cpu::simd;
+constexpr int64_t kSpan = 4096;                       // elements per thread task
+constexpr int64_t kParallelElems = int64_t{1} << 16;  // below this one thread is faster
+
+// f(lo, hi) over [0, n) in kSpan blocks, split over threads when n is large.
+template <class F>
+void for_spans(int64_t n, F&& f) {
+  if (n < kParallelElems) {
+    if (n > 0) f(int64_t{0}, n);
+    return;
+  }
+  const int64_t blocks = (n + kSpan - 1) / kSpan;
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < blocks; ++b) f(b * kSpan, std::min(n, (b + 1) * kSpan));
+}
+
+// y = alpha·x + beta·y (beta = 0: y is not read).
+template <class T>
+MOE_SIMD_INLINE void axpby_impl(const T* x, T* y, int64_t n, float alpha, float beta) {
+  int64_t i = 0;
+  if (beta == 0.0f) {
+    for (; i + kLanes <= n; i += kLanes) store(y + i, alpha * load(x + i));
+    if (i < n) store_part(y + i, alpha * load_part(x + i, n - i, 0.0f), n - i);
+  } else {
+    for (; i + kLanes <= n; i += kLanes) store(y + i, alpha * load(x + i) + beta * load(y + i));
+    if (i < n) store_part(y + i, alpha * load_part(x + i, n - i, 0.0f) + beta * load_part(y + i, n - i, 0.0f), n - i);
+  }
+}
+template <class S, class D>
+MOE_SIMD_INLINE void cast_impl(const S* s, D* d, int64_t n) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) store(d + i, load(s + i));
+  if (i < n) store_part(d + i, load_part(s + i, n - i, 0.0f), n - i);
+}
+MOE_SIMD_CLONES void axpby_span(const float* x, float* y, int64_t n, float a, float b) { axpby_impl(x, y, n, a, b); }
+MOE_SIMD_CLONES void axpby_span(const bf16* x, bf16* y, int64_t n, float a, float b) { axpby_impl(x, y, n, a, b); }
+MOE_SIMD_CLONES void cast_span(const float* s, bf16* d, int64_t n) { cast_impl(s, d, n); }
+MOE_SIMD_CLONES void cast_span(const bf16* s, float* d, int64_t n) { cast_impl(s, d, n); }
+
+}  // namespace
 
 void cpu_axpby(const ElementwiseArgs& a, const ExecCtx&) {
   cpu::dispatch_float(a.dtype, "axpby", [&](auto tag) {
@@ -19,6 +71,10 @@ void cpu_axpby(const ElementwiseArgs& a, const ExecCtx&) {
     const T* x = static_cast<const T*>(a.x);
     T* y = static_cast<T*>(a.y);
     const A alpha = static_cast<A>(a.a), beta = static_cast<A>(a.b);
+    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, bf16>) {
+      for_spans(a.n, [&](int64_t lo, int64_t hi) { axpby_span(x + lo, y + lo, hi - lo, alpha, beta); });
+      return;
+    }
     for (int64_t i = 0; i < a.n; ++i) {
       A yv = beta == A(0) ? A(0) : beta * to_acc(y[i]);
       y[i] = from_acc<T>(alpha * to_acc(x[i]) + yv);
@@ -68,6 +124,11 @@ void cpu_cast(const CastArgs& a, const ExecCtx&) {
       using D = decltype(dtag);
       const S* s = static_cast<const S*>(a.src);
       D* d = static_cast<D*>(a.dst);
+      if constexpr ((std::is_same_v<S, float> && std::is_same_v<D, bf16>) ||
+                    (std::is_same_v<S, bf16> && std::is_same_v<D, float>)) {
+        for_spans(a.n, [&](int64_t lo, int64_t hi) { cast_span(s + lo, d + lo, hi - lo); });
+        return;
+      }
       // Widen through double so f64 -> f32 rounds once.
       for (int64_t i = 0; i < a.n; ++i) d[i] = from_acc<D>(static_cast<double>(to_acc(s[i])));
     });

@@ -11,6 +11,11 @@
 //     sum whatever the thread count;
 //   embedding_bwd: the (id, i) pairs of the ids in the slice are sorted, and threads own table
 //     rows, each adding its dout rows in i order.
+// f32 and bf16 storage take vectorised row functions for the norms and the cross entropy
+// (kernels/cpu/simd.h: 16 f32 lanes, compiled per ISA and picked at load time): a row's sums are
+// kept in 16 lane sums added in a fixed order, the exponential is the polynomial one (within 2 ulp
+// of expf, exactly 0 below −87.3 where expf is < 1.2e−38), and bf16 is widened on the load and
+// rounded once on the store. Every row is the same arithmetic whichever thread computes it.
 // In-place use: norm y may be x, norm dx may be dy, rope y may be x, xent dlogits may be logits.
 // Every loop reads an element (and, for rope, its rotation partner) before it writes it, and the
 // norm backward finishes its column sums (which read dy) before it overwrites dx; so none of those
@@ -19,11 +24,13 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "kernels/cpu/cpu_kernels.h"
 #include "kernels/cpu/dispatch.h"
+#include "kernels/cpu/simd.h"
 
 namespace moe {
 
@@ -41,6 +48,180 @@ template <class A>
 inline A xhat_of(A x, A mean, A rstd, bool layer) {
   return layer ? (x - mean) * rstd : x * rstd;
 }
+
+// ---- vectorised rows (f32 and bf16 storage) ------------------------------------------------------
+using namespace cpu::simd;
+
+// One row of the norm forward; returns mean (0 for rms) and rstd through the pointers.
+template <class T>
+MOE_SIMD_INLINE void norm_fwd_row_impl(const T* x, const T* w, const T* b, T* y, int64_t D, float eps, bool layer,
+                                       float* mean_out, float* rstd_out) {
+  const float invD = 1.0f / static_cast<float>(D);
+  float mean = 0.0f;
+  vf acc = splat(0.0f);
+  int64_t d = 0;
+  if (layer) {
+    for (d = 0; d + kLanes <= D; d += kLanes) acc += load(x + d);
+    if (d < D) acc += load_part(x + d, D - d, 0.0f);
+    mean = hsum(acc) * invD;
+    acc = splat(0.0f);
+    for (d = 0; d + kLanes <= D; d += kLanes) {
+      const vf c = load(x + d) - mean;
+      acc += c * c;
+    }
+    if (d < D) {
+      const vf c = load_part(x + d, D - d, mean) - mean;  // the padding lanes give exact zeros
+      acc += c * c;
+    }
+  } else {
+    for (d = 0; d + kLanes <= D; d += kLanes) {
+      const vf v = load(x + d);
+      acc += v * v;
+    }
+    if (d < D) {
+      const vf v = load_part(x + d, D - d, 0.0f);
+      acc += v * v;
+    }
+  }
+  const float rstd = 1.0f / std::sqrt(hsum(acc) * invD + eps);
+  // y[d] depends on x[d] only (and the row's statistics, complete by now): y may be x.
+  for (d = 0; d + kLanes <= D; d += kLanes) {
+    vf v = (layer ? load(x + d) - mean : load(x + d)) * rstd * load(w + d);
+    if (b) v += load(b + d);
+    store(y + d, v);
+  }
+  if (d < D) {
+    const int64_t n = D - d;
+    vf v = (layer ? load_part(x + d, n, 0.0f) - mean : load_part(x + d, n, 0.0f)) * rstd * load_part(w + d, n, 0.0f);
+    if (b) v += load_part(b + d, n, 0.0f);
+    store_part(y + d, v, n);
+  }
+  if (mean_out) *mean_out = mean;
+  *rstd_out = rstd;
+}
+
+// One row of the norm backward's dx (dx may be dy: each block is loaded before it is stored).
+template <class T>
+MOE_SIMD_INLINE void norm_bwd_row_impl(const T* x, const T* w, const T* dy, T* dx, int64_t D, float m, float rs,
+                                       bool layer) {
+  const float invD = 1.0f / static_cast<float>(D);
+  vf sgx = splat(0.0f), sg = splat(0.0f);
+  int64_t d = 0;
+  for (d = 0; d + kLanes <= D; d += kLanes) {
+    const vf g = load(dy + d) * load(w + d);
+    sgx += g * ((layer ? load(x + d) - m : load(x + d)) * rs);
+    sg += g;
+  }
+  if (d < D) {  // zero-padded: g = 0 in the padding
+    const int64_t n = D - d;
+    const vf g = load_part(dy + d, n, 0.0f) * load_part(w + d, n, 0.0f);
+    sgx += g * ((layer ? load_part(x + d, n, 0.0f) - m : load_part(x + d, n, 0.0f)) * rs);
+    sg += g;
+  }
+  const float c1 = hsum(sgx) * invD, c2 = layer ? hsum(sg) * invD : 0.0f;
+  for (d = 0; d + kLanes <= D; d += kLanes) {
+    const vf g = load(dy + d) * load(w + d);
+    const vf xh = (layer ? load(x + d) - m : load(x + d)) * rs;
+    store(dx + d, rs * (g - c2 - xh * c1));
+  }
+  if (d < D) {
+    const int64_t n = D - d;
+    const vf g = load_part(dy + d, n, 0.0f) * load_part(w + d, n, 0.0f);
+    const vf xh = (layer ? load_part(x + d, n, 0.0f) - m : load_part(x + d, n, 0.0f)) * rs;
+    store_part(dx + d, rs * (g - c2 - xh * c1), n);
+  }
+}
+
+// dweight / dbias of kColBlock full columns [d0, d0 + kColBlock): each column adds its rows in row
+// order onto the incoming value (the sequential sum, whatever the thread count).
+constexpr int64_t kColVecs = kColBlock / kLanes;
+static_assert(kColBlock % kLanes == 0);
+template <class T>
+MOE_SIMD_INLINE void norm_dweight_block_impl(const T* xs, const T* dys, const float* mean, const float* rstd,
+                                             int64_t rows, int64_t D, int64_t d0, bool layer, T* dw, T* db) {
+  vf sw[kColVecs], sb[kColVecs];
+  for (int64_t u = 0; u < kColVecs; ++u) {
+    sw[u] = dw ? load(dw + d0 + u * kLanes) : splat(0.0f);
+    sb[u] = db ? load(db + d0 + u * kLanes) : splat(0.0f);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* x = xs + r * D + d0;
+    const T* dy = dys + r * D + d0;
+    const float m = mean ? mean[r] : 0.0f, rs = rstd[r];
+    for (int64_t u = 0; u < kColVecs; ++u) {
+      const vf g = load(dy + u * kLanes);
+      sw[u] += g * ((layer ? load(x + u * kLanes) - m : load(x + u * kLanes)) * rs);
+      sb[u] += g;
+    }
+  }
+  for (int64_t u = 0; u < kColVecs; ++u) {
+    if (dw) store(dw + d0 + u * kLanes, sw[u]);
+    if (db) store(db + d0 + u * kLanes, sb[u]);
+  }
+}
+
+// Cross-entropy rows: the max, Σ e^(l − m), and the gradient g·(softmax − onehot(t)).
+template <class T>
+MOE_SIMD_INLINE float xent_max_row_impl(const T* l, int64_t V) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  vf m = splat(ninf);
+  int64_t v = 0;
+  for (; v + kLanes <= V; v += kLanes) {
+    const vf x = load(l + v);
+    m = x > m ? x : m;
+  }
+  if (v < V) {
+    const vf x = load_part(l + v, V - v, ninf);
+    m = x > m ? x : m;
+  }
+  return hmax(m);
+}
+template <class T>
+MOE_SIMD_INLINE float xent_sum_row_impl(const T* l, int64_t V, float m) {
+  vf s = splat(0.0f);
+  int64_t v = 0;
+  for (; v + kLanes <= V; v += kLanes) s += exp_f32_flush(load(l + v) - m);
+  if (v < V) s += exp_f32_flush(load_part(l + v, V - v, -std::numeric_limits<float>::infinity()) - m);  // e^−inf = 0
+  return hsum(s);
+}
+template <class T>
+MOE_SIMD_INLINE void xent_bwd_row_impl(const T* l, T* dl, int64_t V, float m, float s, float g, int64_t t) {
+  const bool has_t = t >= 0 && t < V;
+  const vf lt = has_t ? load_part(l + t, 1, 0.0f) : splat(0.0f);  // read before dl (maybe l) is written
+  int64_t v = 0;
+  for (; v + kLanes <= V; v += kLanes) store(dl + v, g * (exp_f32_flush(load(l + v) - m) / s));
+  if (v < V) store_part(dl + v, g * (exp_f32_flush(load_part(l + v, V - v, 0.0f) - m) / s), V - v);
+  if (has_t) {  // the target: the same p, minus 1
+    const vf p = exp_f32_flush(lt - m) / s;
+    dl[t] = from_acc<T>(g * (p[0] - 1.0f));
+  }
+}
+
+// The row functions, compiled per ISA, one overload per storage type.
+#define MOE_MODEL_ROWS(T)                                                                                        \
+  MOE_SIMD_CLONES void norm_fwd_row(const T* x, const T* w, const T* b, T* y, int64_t D, float eps, bool layer, \
+                                    float* mean, float* rstd) {                                                  \
+    norm_fwd_row_impl(x, w, b, y, D, eps, layer, mean, rstd);                                                    \
+  }                                                                                                              \
+  MOE_SIMD_CLONES void norm_bwd_row(const T* x, const T* w, const T* dy, T* dx, int64_t D, float m, float rs,   \
+                                    bool layer) {                                                                \
+    norm_bwd_row_impl(x, w, dy, dx, D, m, rs, layer);                                                            \
+  }                                                                                                              \
+  MOE_SIMD_CLONES void norm_dweight_block(const T* xs, const T* dys, const float* mean, const float* rstd,      \
+                                          int64_t rows, int64_t D, int64_t d0, bool layer, T* dw, T* db) {      \
+    norm_dweight_block_impl(xs, dys, mean, rstd, rows, D, d0, layer, dw, db);                                    \
+  }                                                                                                              \
+  MOE_SIMD_CLONES float xent_max_row(const T* l, int64_t V) { return xent_max_row_impl(l, V); }                  \
+  MOE_SIMD_CLONES float xent_sum_row(const T* l, int64_t V, float m) { return xent_sum_row_impl(l, V, m); }      \
+  MOE_SIMD_CLONES void xent_bwd_row(const T* l, T* dl, int64_t V, float m, float s, float g, int64_t t) {       \
+    xent_bwd_row_impl(l, dl, V, m, s, g, t);                                                                     \
+  }
+MOE_MODEL_ROWS(float)
+MOE_MODEL_ROWS(bf16)
+#undef MOE_MODEL_ROWS
+
+template <class T>
+constexpr bool kVectorRows = std::is_same_v<T, float> || std::is_same_v<T, bf16>;
 
 }  // namespace
 
@@ -60,6 +241,14 @@ void cpu_norm_fwd(const NormFwdArgs& a, const ExecCtx&) {
     A* mean_out = layer ? static_cast<A*>(a.mean) : nullptr;
     A* rstd_out = static_cast<A*>(a.rstd);
     const A eps = static_cast<A>(a.eps), invD = D > 0 ? A(1) / static_cast<A>(D) : A(0);
+    if constexpr (kVectorRows<T>) {
+      if (D > 0) {
+#pragma omp parallel for schedule(static) if (rows * D > kParallelElems)
+        for (int64_t r = 0; r < rows; ++r)
+          norm_fwd_row(xs + r * D, w, b, ys + r * D, D, eps, layer, mean_out ? mean_out + r : nullptr, rstd_out + r);
+        return;
+      }
+    }
 #pragma omp parallel for schedule(static) if (rows * D > kParallelElems)
     for (int64_t r = 0; r < rows; ++r) {
       const T* x = xs + r * D;
@@ -118,6 +307,12 @@ void cpu_norm_bwd(const NormBwdArgs& a, const ExecCtx&) {
 #pragma omp parallel for schedule(static) if (par)
       for (int64_t blk = 0; blk < nblocks; ++blk) {
         const int64_t d0 = blk * kColBlock, nd = std::min(kColBlock, D - d0);
+        if constexpr (kVectorRows<T>) {
+          if (nd == kColBlock) {
+            norm_dweight_block(xs, dys, mean, rstd, rows, D, d0, layer, dw, db);
+            continue;
+          }
+        }
         A sw[kColBlock], sb[kColBlock];
         for (int64_t j = 0; j < nd; ++j) {
           sw[j] = dw ? to_acc(dw[d0 + j]) : A(0);
@@ -142,6 +337,14 @@ void cpu_norm_bwd(const NormBwdArgs& a, const ExecCtx&) {
 
     // 2. dx, row by row.
     const A invD = D > 0 ? A(1) / static_cast<A>(D) : A(0);
+    if constexpr (kVectorRows<T>) {
+      if (D > 0) {
+#pragma omp parallel for schedule(static) if (par)
+        for (int64_t r = 0; r < rows; ++r)
+          norm_bwd_row(xs + r * D, w, dys + r * D, dxs + r * D, D, mean ? mean[r] : 0.0f, rstd[r], layer);
+        return;
+      }
+    }
 #pragma omp parallel for schedule(static) if (par)
     for (int64_t r = 0; r < rows; ++r) {
       const T* x = xs + r * D;
@@ -281,6 +484,11 @@ void cpu_xent_max(const XentArgs& a, const ExecCtx&) {
     const int64_t n = a.n, V = a.V;
     const T* logits = static_cast<const T*>(a.logits);
     A* row_max = static_cast<A*>(a.row_max);
+    if constexpr (kVectorRows<T>) {
+#pragma omp parallel for schedule(static) if (n * V > kParallelElems)
+      for (int64_t i = 0; i < n; ++i) row_max[i] = xent_max_row(logits + i * V, V);
+      return;
+    }
 #pragma omp parallel for schedule(static) if (n * V > kParallelElems)
     for (int64_t i = 0; i < n; ++i) {
       const T* l = logits + i * V;
@@ -300,6 +508,16 @@ void cpu_xent_sum(const XentArgs& a, const ExecCtx&) {
     const A* row_max = static_cast<const A*>(a.row_max);
     A* sum_exp = static_cast<A*>(a.sum_exp);
     A* target = static_cast<A*>(a.target);
+    if constexpr (kVectorRows<T>) {
+#pragma omp parallel for schedule(static) if (n * V > kParallelElems)
+      for (int64_t i = 0; i < n; ++i) {
+        const T* l = logits + i * V;
+        sum_exp[i] = xent_sum_row(l, V, row_max[i]);
+        const int64_t t = a.labels[i] - a.vocab_start;
+        target[i] = (t >= 0 && t < V) ? to_acc(l[t]) : A(0);
+      }
+      return;
+    }
 #pragma omp parallel for schedule(static) if (n * V > kParallelElems)
     for (int64_t i = 0; i < n; ++i) {
       const T* l = logits + i * V;
@@ -323,6 +541,12 @@ void cpu_xent_bwd(const XentArgs& a, const ExecCtx&) {
     const A* sum_exp = static_cast<const A*>(a.sum_exp);
     const A* grad = static_cast<const A*>(a.grad);
     T* dlogits = static_cast<T*>(a.dlogits);
+    if constexpr (kVectorRows<T>) {
+#pragma omp parallel for schedule(static) if (n * V > kParallelElems)
+      for (int64_t i = 0; i < n; ++i)
+        xent_bwd_row(logits + i * V, dlogits + i * V, V, row_max[i], sum_exp[i], grad[i], a.labels[i] - a.vocab_start);
+      return;
+    }
 #pragma omp parallel for schedule(static) if (n * V > kParallelElems)
     for (int64_t i = 0; i < n; ++i) {
       const T* l = logits + i * V;

@@ -70,11 +70,16 @@ std::vector<Problem> problems() {
       causal("S=70 gqa2 hd=5", 70, 1, 4, 2, 5),
       causal("S=130 B=2 gqa4 hd=16", 130, 2, 8, 2, 16),
       causal("S=65 mqa hd=33", 65, 1, 4, 1, 33),
+      // the register-blocked f32 paths (hd 32 / 64 / 128; row counts not a multiple of the block)
+      causal("S=70 gqa2 hd=32", 70, 1, 4, 2, 32),
+      causal("S=131 B=2 gqa2 hd=64", 131, 2, 4, 2, 64),
+      causal("S=67 mqa hd=128", 67, 1, 2, 1, 128),
       // decoding-like: 5 queries at the end of a 100-token sequence
       {"Sq=5 Sk=100 gqa2", 1, 2, 1, 8, iota(95, 5), iota(0, 100)},
       context_parallel("cp rank0 len=45", 45, {0, 3}, {2, 0, 3, 1}, 2, 4, 2, 12),
       context_parallel("cp rank1 len=45", 45, {1, 2}, {2, 0, 3, 1}, 1, 4, 1, 7),
       context_parallel("cp rank0 len=70 gqa4", 70, {0, 3}, {3, 1, 0, 2}, 1, 4, 1, 20),
+      context_parallel("cp rank1 len=90 hd=64", 90, {1, 2}, {1, 3, 2, 0}, 1, 2, 1, 64),
   };
 }
 

@@ -11,6 +11,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
+#include <string>
 #include <limits>
 #include <vector>
 
@@ -206,4 +208,50 @@ TEST(CpuAllocatorCache, CountsLiveBytesAndReusesLargeBlocks) {
   const int64_t cached = b.memory_stats().cached_bytes;
   { Tensor small = Tensor::empty({1024}, DType::f32); }
   EXPECT_EQ(b.memory_stats().cached_bytes, cached);
+}
+
+// axpby and the f32 <-> bf16 casts run on vectors in thread blocks: whole vectors, tails and
+// several blocks against the scalar rule (casts bit for bit, float_to_bf16 on every element with
+// ties, NaN and infinities among them), axpby against f64, beta = 0 not reading y, and the same
+// bits on 1 and 3 threads.
+TEST(ElementwiseFastPath, CastsAreTheScalarRuleAndAxpbyMatchesF64) {
+  for (int64_t n : {int64_t{5}, int64_t{16}, int64_t{37}, int64_t{70000 + 3}}) {
+    SCOPED_TRACE("n=" + std::to_string(n));
+    std::vector<float> v;
+    for (double e : to_f64(randn({n}, DType::f32, 60 + n, 3.0))) v.push_back(static_cast<float>(e));
+    v[0] = std::numeric_limits<float>::quiet_NaN();
+    if (n > 1) v[1] = -std::numeric_limits<float>::infinity();
+    if (n > 2) v[2] = 1.0f + 1.0f / 256.0f;  // a tie: rounds to even (1.0)
+    if (n > 3) v[3] = 1.0f + 3.0f / 256.0f;  // a tie: rounds to even (1.015625)
+    Tensor f = Tensor::from_vector(v, {n});
+    Tensor b = ops::cast(f, DType::bf16);
+    const bf16* bp = b.data_as<bf16>();
+    for (int64_t i = 0; i < n; ++i) ASSERT_EQ(bp[i].bits, float_to_bf16(v[static_cast<size_t>(i)]).bits) << i;
+    Tensor back = ops::cast(b, DType::f32);
+    for (int64_t i = 0; i < n; ++i) {
+      const float want = bf16_to_float(bp[i]), got = back.data_as<float>()[i];
+      ASSERT_EQ(std::memcmp(&want, &got, 4), 0) << i;
+    }
+    for (DType dt : {DType::f32, DType::bf16}) {
+      SCOPED_TRACE(dtype_name(dt));
+      Tensor x = randn({n}, dt, 70 + n), y0 = randn({n}, dt, 80 + n);
+      std::vector<Tensor> ys;
+      for (int t : {1, 3}) {
+        with_threads(t, [&] {
+          ys.push_back(y0.clone());
+          ops::axpby(0.75, x, -1.5, ys.back());
+        });
+      }
+      EXPECT_TRUE(bit_equal(ys[0], ys[1]));
+      std::vector<double> xv = to_f64(x), yv = to_f64(y0), want(static_cast<size_t>(n));
+      for (size_t i = 0; i < want.size(); ++i) want[i] = 0.75 * xv[i] - 1.5 * yv[i];
+      const double tol = dt == DType::f32 ? 1e-5 : 8e-3;  // bf16: one rounding of y (2^-9 relative)
+      EXPECT_TRUE(all_close(to_f64(ys[0]), want, tol, tol));
+      Tensor ynan = Tensor::from_vector(std::vector<float>(static_cast<size_t>(n), std::numeric_limits<float>::quiet_NaN()), {n});
+      Tensor yz = ops::cast(ynan, dt);
+      ops::axpby(2.0, x, 0.0, yz);  // beta = 0: y is overwritten, its NaNs never read
+      std::vector<double> zv = to_f64(yz);
+      for (size_t i = 0; i < zv.size(); ++i) ASSERT_EQ(zv[i], 2.0 * xv[i]) << i;
+    }
+  }
 }

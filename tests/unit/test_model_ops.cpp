@@ -554,6 +554,37 @@ TEST(Xent, SplitVocabularyEqualsFullCrossEntropy) {
   }
 }
 
+// Rows long enough for the vectorised f32 / bf16 path (16 lanes, then a tail): whole vectors,
+// a tail, and the label in either, against the f64 reference; in place equals out of place.
+TEST(Xent, LongRowsMatchF64ReferenceInBodyAndTail) {
+  for (int64_t V : {16, 53, 16 * 64 + 7}) {
+    const int64_t n = 5;
+    const std::vector<int64_t> labels = {0, 15, V - 1, V / 2, 16 % V};
+    const std::vector<double> grad = {1.0, -0.5, 2.0, 0.25, 1.5};
+    for (DType dt : {DType::f32, DType::bf16}) {
+      SCOPED_TRACE(std::string(dtype_name(dt)) + " V=" + std::to_string(V));
+      Tensor l = randn({n, V}, dt, 110 + V, 3.0);
+      std::vector<double> loss_ref, dl_ref;
+      xent_ref(to_f64(l), labels, grad, n, V, loss_ref, dl_ref);
+      std::vector<Tensor> dl;
+      std::vector<double> loss = xent_split({{l, 0}}, i64(labels), grad, &dl);
+      // f32 statistics either way (sums of up to 1031 terms, exp within 2 ulp); bf16 dlogits
+      // rounded once (2^-9 relative, |dl| <= 2).
+      EXPECT_TRUE(all_close(loss, loss_ref, 2e-5, 2e-5)) << "loss";
+      EXPECT_TRUE(all_close(to_f64(dl[0]), dl_ref, dt == DType::f32 ? 1e-6 : 4e-3, dt == DType::f32 ? 1e-5 : 8e-3))
+          << "dlogits";
+      const DType sd = ops::stat_dtype_for(dt);
+      Tensor m = Tensor::empty({n}, sd), se = Tensor::empty({n}, sd), tg = Tensor::empty({n}, sd);
+      ops::xent_max(l, m);
+      ops::xent_sum(l, i64(labels), 0, m, se, tg);
+      Tensor g = from_f64(grad, {n}, sd), out = Tensor::empty(l.shape(), dt), inplace = l.clone();
+      ops::xent_bwd(l, i64(labels), 0, m, se, g, out);
+      ops::xent_bwd(inplace, i64(labels), 0, m, se, g, inplace);
+      EXPECT_TRUE(bit_equal(inplace, out));
+    }
+  }
+}
+
 TEST(Xent, BackwardByFiniteDifferencesAcrossTwoSlices) {
   const int64_t n = 4, V0 = 3, V1 = 5;
   const std::vector<int64_t> labels = {1, 3, 7, 4};  // two in each slice

@@ -87,6 +87,9 @@ struct BreakdownRow {
 // modules have their own parameters.
 void print_breakdown(const MoEConfig& c, int64_t b, int64_t reps, double step_s) {
   const Device cpu = Device::cpu();
+  const DType dt = dtype_from_name(c.params_dtype);  // f32, or bf16 under --bf16: what the model runs
+  const DType st_dt = ops::stat_dtype_for(dt);  // softmax statistics (lse, row max, sums)
+  auto rnd = [dt](const Shape& shape, uint64_t seed, float scale = 1.0f) { return bench::randn(shape, seed, scale).to_dtype(dt); };
   const int64_t S = c.seq_length, T = b * S, H = c.hidden_size, V = c.vocab_size, L = c.num_layers;
   const int64_t nh = c.num_attention_heads, ng = c.query_groups(), hd = c.head_dim();
   const int64_t rd = c.position_embedding_type == "rope"
@@ -98,22 +101,22 @@ void print_breakdown(const MoEConfig& c, int64_t b, int64_t reps, double step_s)
   const double f = c.gated_linear_unit ? 3.0 : 2.0;
   const double dT = static_cast<double>(T), dH = static_cast<double>(H);
   std::vector<BreakdownRow> rows;
-  Tensor x = bench::randn({T, H}, 3);
-  Tensor dy = bench::randn({T, H}, 4, 1e-2f);
+  Tensor x = rnd({T, H}, 3);
+  Tensor dy = rnd({T, H}, 4, 1e-2f);
 
   {  // embedding: word rows (+ learned positions), forward and the gradient's scatter-add
     Tensor ids = bench::random_ids(1, T, V, 5).view({T});
-    Tensor table = bench::randn({V, H}, 6, 0.02f), dtable = Tensor::zeros({V, H}, DType::f32);
+    Tensor table = rnd({V, H}, 6, 0.02f), dtable = Tensor::zeros({V, H}, dt);
     Tensor pos_table, dpos, pos_ids;
     if (c.position_embedding_type == "learned_absolute") {
-      pos_table = bench::randn({S, H}, 7, 0.02f);
-      dpos = Tensor::zeros({S, H}, DType::f32);
+      pos_table = rnd({S, H}, 7, 0.02f);
+      dpos = Tensor::zeros({S, H}, dt);
       std::vector<int64_t> p(static_cast<size_t>(T));
       for (int64_t s = 0; s < S; ++s)
         for (int64_t bi = 0; bi < b; ++bi) p[static_cast<size_t>(s * b + bi)] = s;
       pos_ids = Tensor::from_vector(p, {T});
     }
-    Tensor out = Tensor::empty({T, H}, DType::f32);
+    Tensor out = Tensor::empty({T, H}, dt);
     rows.push_back({"embedding", 1, time_best(reps, [&] {
                       ops::embedding_fwd(ids, table, 0, out, false);
                       if (pos_table.defined()) ops::embedding_fwd(pos_ids, pos_table, 0, out, true);
@@ -148,9 +151,9 @@ void print_breakdown(const MoEConfig& c, int64_t b, int64_t reps, double step_s)
                     lin_flops + core_flops, false});
     // linear_qkv and linear_proj: forward, dgrad, wgrad
     const int64_t Q = (nh + 2 * ng) * hd;
-    Tensor Wqkv = bench::randn({Q, H}, 8, 0.02f), dWqkv = Tensor::zeros({Q, H}, DType::f32);
-    Tensor Wp = bench::randn({H, nh * hd}, 9, 0.02f), dWp = Tensor::zeros({H, nh * hd}, DType::f32);
-    Tensor dqkv = bench::randn({T, Q}, 10, 1e-2f), ctxt = bench::randn({T, nh * hd}, 11);
+    Tensor Wqkv = rnd({Q, H}, 8, 0.02f), dWqkv = Tensor::zeros({Q, H}, dt);
+    Tensor Wp = rnd({H, nh * hd}, 9, 0.02f), dWp = Tensor::zeros({H, nh * hd}, dt);
+    Tensor dqkv = rnd({T, Q}, 10, 1e-2f), ctxt = rnd({T, nh * hd}, 11);
     rows.push_back({"  linear_qkv + linear_proj GEMMs", L, time_best(reps, [&] {
                       Tensor qkv = ops::matmul(x, false, Wqkv, true);
                       Tensor y = ops::matmul(ctxt, false, Wp, true);
@@ -161,11 +164,11 @@ void print_breakdown(const MoEConfig& c, int64_t b, int64_t reps, double step_s)
                     }),
                     lin_flops, true});
     // core attention (flash-style kernel)
-    Tensor q4 = bench::randn({S, b, nh, hd}, 12), k4 = bench::randn({S, b, ng, hd}, 13);
-    Tensor v4 = bench::randn({S, b, ng, hd}, 14), do4 = bench::randn({S, b, nh, hd}, 15, 1e-2f);
-    Tensor o = Tensor::empty({S, b, nh, hd}, DType::f32), lse = Tensor::empty({b, nh, S}, DType::f32);
-    Tensor dq = Tensor::empty({S, b, nh, hd}, DType::f32), dk = Tensor::empty({S, b, ng, hd}, DType::f32);
-    Tensor dv = Tensor::empty({S, b, ng, hd}, DType::f32);
+    Tensor q4 = rnd({S, b, nh, hd}, 12), k4 = rnd({S, b, ng, hd}, 13);
+    Tensor v4 = rnd({S, b, ng, hd}, 14), do4 = rnd({S, b, nh, hd}, 15, 1e-2f);
+    Tensor o = Tensor::empty({S, b, nh, hd}, dt), lse = Tensor::empty({b, nh, S}, st_dt);
+    Tensor dq = Tensor::empty({S, b, nh, hd}, dt), dk = Tensor::empty({S, b, ng, hd}, dt);
+    Tensor dv = Tensor::empty({S, b, ng, hd}, dt);
     const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
     const double t_fwd = time_best(reps, [&] { ops::attention_fwd(scale, seq.q_pos, seq.k_pos, q4, k4, v4, o, lse); });
     const double t_bwd = time_best(reps, [&] {
@@ -174,9 +177,9 @@ void print_breakdown(const MoEConfig& c, int64_t b, int64_t reps, double step_s)
     rows.push_back({"  core attention fwd", L, t_fwd, core_flops / 3.0, true});
     rows.push_back({"  core attention bwd", L, t_bwd, core_flops * 2.0 / 3.0, true});
     // rope (q and k, forward and inverse), the qkv split / merge, the q/k norms
-    Tensor qkv = bench::randn({T, Q}, 16);
-    Tensor qs = Tensor::empty({T, nh, hd}, DType::f32), ks = Tensor::empty({T, ng, hd}, DType::f32);
-    Tensor vs = Tensor::empty({T, ng, hd}, DType::f32);
+    Tensor qkv = rnd({T, Q}, 16);
+    Tensor qs = Tensor::empty({T, nh, hd}, dt), ks = Tensor::empty({T, ng, hd}, dt);
+    Tensor vs = Tensor::empty({T, ng, hd}, dt);
     rows.push_back({"  qkv split + merge", L, time_best(reps, [&] {
                       ops::qkv_split(qkv, ng, nh / ng, qs, ks, vs);
                       ops::qkv_merge(qs, ks, vs, ng, nh / ng, qkv);
@@ -232,7 +235,7 @@ void print_breakdown(const MoEConfig& c, int64_t b, int64_t reps, double step_s)
                     dT * 6.0 * dH * static_cast<double>(Fd) * f, false});
   }
   {  // the output layer's three GEMMs, then the cross entropy on its logits
-    Tensor W = bench::randn({V, H}, 17, 0.02f), dW = Tensor::zeros({V, H}, DType::f32);
+    Tensor W = rnd({V, H}, 17, 0.02f), dW = Tensor::zeros({V, H}, dt);
     Tensor logits;
     rows.push_back({"output layer GEMMs", 1, time_best(reps, [&] {
                       logits = ops::matmul(x, false, W, true);
@@ -241,9 +244,10 @@ void print_breakdown(const MoEConfig& c, int64_t b, int64_t reps, double step_s)
                     }),
                     dT * 6.0 * dH * static_cast<double>(V), false});
     Tensor labels = bench::random_ids(1, T, V, 18).view({T});
-    Tensor row_max = Tensor::empty({T}, DType::f32), sums = Tensor::empty({2, T}, DType::f32);
+    Tensor row_max = Tensor::empty({T}, st_dt), sums = Tensor::empty({2, T}, st_dt);
     Tensor sum_exp = sums.narrow(0, 1).view({T}), target = sums.narrow(1, 1).view({T});
-    Tensor grad = Tensor::from_vector(std::vector<float>(static_cast<size_t>(T), 1.0f / static_cast<float>(T)), {T});
+    Tensor grad = Tensor::from_vector(std::vector<float>(static_cast<size_t>(T), 1.0f / static_cast<float>(T)), {T})
+                      .to_dtype(st_dt);  // (T) stat
     rows.push_back({"cross entropy (V)", 1, time_best(reps, [&] {
                       ops::xent_max(logits, row_max);
                       ops::xent_sum(logits, labels, 0, row_max, sum_exp, target);
@@ -252,7 +256,7 @@ void print_breakdown(const MoEConfig& c, int64_t b, int64_t reps, double step_s)
                     0.0, false});
   }
   {  // the residual adds (two per layer forward, two backward)
-    Tensor y = bench::randn({T, H}, 19);
+    Tensor y = rnd({T, H}, 19);
     rows.push_back({"residual adds", 4 * L, time_best(reps, [&] { ops::add_(y, x); }), 0.0, false});
   }
 

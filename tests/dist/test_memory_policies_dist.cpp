@@ -93,8 +93,9 @@ TEST(MemoryPoliciesDist, MoeRecomputeIsBitIdenticalAndRerunsTheDispatch) {
       for (size_t i = 0; i < keep.tensors.size(); ++i)
         EXPECT_TRUE(test::bit_equal(keep.tensors[i], moe.tensors[i])) << "tensor " << i << " on rank " << dist::world().rank();
       for (size_t i = 0; i < keep.losses.size(); ++i) EXPECT_EQ(keep.losses[i], moe.losses[i]) << "loss " << i;
-      if (L.ep * L.etp > 1)
+      if (L.ep * L.etp > 1) {
         EXPECT_GT(moe.bytes_sent, keep.bytes_sent) << "the backward re-runs the dispatch's communication";
+      }
       ++checked;
     }
   }

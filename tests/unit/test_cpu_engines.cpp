@@ -185,16 +185,24 @@ TEST(CpuGemmEngines, ChosenEngineRunsNoGenericKernelOnAnAvx512Cpu) {
   cpu_gemm_set_engine("");
   std::string why;
   const bool generic = cpu_gemm_generic_kernel(&why);
-  if (__builtin_cpu_supports("avx512f")) EXPECT_FALSE(generic) << why << " (" << cpu_gemm_info() << ")";
+  if (__builtin_cpu_supports("avx512f")) {
+    EXPECT_FALSE(generic) << why << " (" << cpu_gemm_info() << ")";
+  }
   const std::string f32 = cpu_gemm_kernel(DType::f32);
-  for (const char* bad : {"Prescott", "Core2", "Nehalem", "Sandybridge", "ref:", "(ref"})
-    if (__builtin_cpu_supports("avx512f")) EXPECT_EQ(f32.find(bad), std::string::npos) << f32;
+  for (const char* bad : {"Prescott", "Core2", "Nehalem", "Sandybridge", "ref:", "(ref"}) {
+    if (__builtin_cpu_supports("avx512f")) {
+      EXPECT_EQ(f32.find(bad), std::string::npos) << f32;
+    }
+  }
   // Where oneDNN is built and chosen, bf16 runs natively on the CPU's best bf16 unit.
   if (std::string(cpu_gemm_engine()) == "onednn") {
     const std::string bf = cpu_gemm_kernel(DType::bf16);
     EXPECT_EQ(bf.find("via f32"), std::string::npos) << bf;
-    if (cpu_flag("amx_bf16")) EXPECT_NE(bf.find("amx"), std::string::npos) << bf;
-    else if (cpu_flag("avx512_bf16")) EXPECT_NE(bf.find("avx512_core_bf16"), std::string::npos) << bf;
+    if (cpu_flag("amx_bf16")) {
+      EXPECT_NE(bf.find("amx"), std::string::npos) << bf;
+    } else if (cpu_flag("avx512_bf16")) {
+      EXPECT_NE(bf.find("avx512_core_bf16"), std::string::npos) << bf;
+    }
   }
   EXPECT_NE(build_info().find("gemm: "), std::string::npos) << build_info();
   EXPECT_NE(build_info().find(cpu_gemm_engine()), std::string::npos) << build_info();

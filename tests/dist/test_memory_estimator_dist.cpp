@@ -84,10 +84,11 @@ TEST(MemoryEstimatorDist, WithinTenPercentOfEveryRanksPeak) {
     EXPECT_NEAR(static_cast<double>(e.optimizer_bytes), static_cast<double>(m.optimizer),
                 0.01 * static_cast<double>(m.optimizer))
         << name_of(L) << " rank " << w.rank() << " (the distributed optimizer's shard boundaries: within 1 %)";
-    if (L.pp == 1)  // what one forward keeps (with PP the stage's output is still held when it is read)
+    if (L.pp == 1) {  // what one forward keeps (with PP the stage's output is still held when it is read)
       EXPECT_LE(moe::test::rel_error(e.activation_bytes_per_microbatch, m.first_forward), 0.10)
           << name_of(L) << " rank " << w.rank() << ": estimated " << e.activation_bytes_per_microbatch
           << " bytes kept by a forward, measured " << m.first_forward;
+    }
     EXPECT_LE(moe::test::rel_error(e.total_bytes, m.peak), 0.10)
         << name_of(L) << " rank " << w.rank() << ": estimated " << e.total_bytes << " bytes, measured peak " << m.peak;
   }

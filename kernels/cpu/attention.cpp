@@ -24,7 +24,6 @@
 // (target_clones), so the plain inner loops (over the keys of a block or over hd) vectorise.
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -183,16 +182,12 @@ MOE_SIMD_INLINE A row_sum(const A* __restrict s) {
 
 // max_j s_j (kBk); f32 in 16 lanes (a scalar max chain is latency bound), then across the lanes.
 MOE_SIMD_INLINE float row_max(const float* __restrict s) {
-  vf m;
-  std::memcpy(&m, s, sizeof m);
+  vf m = load(s);
   for (int64_t j = kLanes; j < kBk; j += kLanes) {
-    vf x;
-    std::memcpy(&x, s + j, sizeof x);
+    const vf x = load(s + j);
     m = x > m ? x : m;
   }
-  float r = m[0];
-  for (int64_t u = 1; u < kLanes; ++u) r = m[u] > r ? m[u] : r;
-  return r;
+  return hmax(m);
 }
 MOE_SIMD_INLINE double row_max(const double* __restrict s) {
   double m = s[0];

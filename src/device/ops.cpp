@@ -245,17 +245,8 @@ void aux_loss_bwd(ScoreFunction score, int64_t num_seqs, const Tensor& logits, c
 }
 
 double z_loss_fwd(const Tensor& logits) {
-  const char* op = "z_loss_fwd";
-  need_2d(op, "logits", logits);
-  need_router_dtype(op, logits);
-  Tensor sum = Tensor::empty({1}, DType::f64, logits.device());
-  ZLossArgs a;
-  a.dtype = logits.dtype();
-  a.T = logits.size(0);
-  a.E = logits.size(1);
-  a.logits = logits.data();
-  a.sum_out = sum.data_as<double>();
-  need(table(logits.device()).z_loss_fwd, logits.device(), op)(a, exec_ctx(logits.device()));
+  Tensor sum = Tensor::empty({1}, DType::f64, logits.device());  // (1) f64: Σ_t lse²
+  z_loss_sum(logits, sum);
   return sum.to_vector<double>()[0];
 }
 

@@ -177,7 +177,6 @@ class AllToAllDispatcher final : public TokenDispatcher {
     int64_t N_local = 0, N_recv = 0, N_g = 0;
     int64_t n_left = 0, n_right = 0;       // packed rows for the EP ranks below / above this one
     std::vector<int64_t> local_counts;     // (E) = (EP·G) rows of chunk (j, g), expert-major
-    std::vector<int64_t> local_offsets;    // (E) their first expert-major row
     std::vector<int64_t> packed_offsets;   // (E) their first row in the send buffer (other ranks' chunks)
     std::vector<int64_t> recv_counts;      // (EP·G) rows EP rank j sends to my local expert g, at [j·G + g]
     std::vector<int64_t> recv_offsets;     // (EP·G) their first row in [g][j] order

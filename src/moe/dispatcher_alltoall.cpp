@@ -173,31 +173,28 @@ DispatchOutput AllToAllDispatcher::dispatch(const Tensor& x, const Tensor& probs
 
   // 1. Rows per expert over all E experts, expert-major (N_loc, H): the rows for local expert g of EP
   //    rank j are one contiguous chunk.
-  LocalPermutation perm;
-  perm.counts = ops::routing_counts(routing_map).to_vector<int64_t>();  // (E)
-  perm.num_rows = sum(perm.counts);
-  st.N_local = perm.num_rows;
-  st.local_counts = perm.counts;
-  st.local_offsets.assign(static_cast<size_t>(E_), 0);
+  st.local_counts = ops::routing_counts(routing_map).to_vector<int64_t>();  // (E)
+  st.N_local = sum(st.local_counts);
+  std::vector<int64_t> local_offsets(static_cast<size_t>(E_), 0);  // (E) first expert-major row of each expert
   for (int64_t e = 1; e < E_; ++e)
-    st.local_offsets[static_cast<size_t>(e)] = st.local_offsets[static_cast<size_t>(e - 1)] + perm.counts[static_cast<size_t>(e - 1)];
+    local_offsets[static_cast<size_t>(e)] = local_offsets[static_cast<size_t>(e - 1)] + st.local_counts[static_cast<size_t>(e - 1)];
   // The send buffer packs the chunks of the other EP ranks, expert-major: experts below mine (the
   // left block), then above (the right block).
   const int64_t lo = p * G_, hi = lo + G_;
-  const int64_t own_end = st.local_offsets[static_cast<size_t>(hi - 1)] + perm.counts[static_cast<size_t>(hi - 1)];
-  st.n_left = st.local_offsets[static_cast<size_t>(lo)];
+  const int64_t own_end = local_offsets[static_cast<size_t>(hi - 1)] + st.local_counts[static_cast<size_t>(hi - 1)];
+  st.n_left = local_offsets[static_cast<size_t>(lo)];
   st.n_right = st.N_local - own_end;
   st.packed_offsets.assign(static_cast<size_t>(E_), 0);
   for (int64_t e = 0; e < E_; ++e) {
     const size_t i = static_cast<size_t>(e);
-    if (e < lo) st.packed_offsets[i] = st.local_offsets[i];
-    else if (e >= hi) st.packed_offsets[i] = st.n_left + st.local_offsets[i] - own_end;
+    if (e < lo) st.packed_offsets[i] = local_offsets[i];
+    else if (e >= hi) st.packed_offsets[i] = st.n_left + local_offsets[i] - own_end;
   }
 
   // 2. Counts of every (ETP, EP) source for every expert: C (M, E), gathered once per dispatch
   //    (one round of point-to-point transfers: every member sends its counts to every other);
   //    both directions of every exchange (forward and backward) follow from it.
-  Tensor c_local = Tensor::from_vector(perm.counts, {1, E_});
+  Tensor c_local = Tensor::from_vector(st.local_counts, {1, E_});
   Tensor c_all = Tensor::empty({M, E_}, DType::i64);
   const int me = etp_ep_->rank();
   std::vector<P2POp> count_ops;

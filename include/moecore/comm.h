@@ -4,6 +4,7 @@
 // (host buffers), NCCL (device buffers on the current stream). Every blocking wait is bounded by
 // MOE_COMM_TIMEOUT_S (default 600 s) and fails with an error naming rank, group, op and phase.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -21,6 +22,26 @@ struct P2POp {
   Kind kind = Kind::send;
   Tensor tensor;  // send: the bytes to send; recv: where the received bytes go (same shape and dtype as the send)
   int peer = 0;   // rank in this group
+};
+
+// Host memory that the ranks of one group on one node map together (Communicator::shared_host):
+// one segment per rank, every segment mapped in every rank of the group. Writes become visible to
+// the other ranks at the next fence. Used by the all-to-all dispatcher to move token rows with one
+// copy instead of a message's two (docs/moe.md).
+class SharedHostSegments {
+ public:
+  virtual ~SharedHostSegments() = default;
+  // Collective, with the same `bytes` on every rank: afterwards every segment holds at least `bytes`.
+  // Growing maps new, larger segments (tensors over the old ones keep them mapped but no longer
+  // shared). Returns false on every rank alike when the memory cannot be had (e.g. /dev/shm is
+  // full; a warning says why): the group has no shared segments from then on.
+  virtual bool reserve(size_t bytes) = 0;
+  virtual size_t bytes() const = 0;
+  // Rank r's segment from byte `offset` as a tensor of `shape` and `dtype` on the CPU (no copy).
+  virtual Tensor segment(int rank, size_t offset, const Shape& shape, DType dtype) const = 0;
+  // Collective: a barrier bounded by MOE_COMM_TIMEOUT_S, after which every rank sees every write
+  // made to any segment before any rank entered it.
+  virtual void fence() = 0;
 };
 
 class Communicator {
@@ -58,6 +79,10 @@ class Communicator {
   void send(const Tensor& t, int peer) { batch_send_recv({P2POp{P2POp::Kind::send, t, peer}}); }
   void recv(Tensor& t, int peer) { batch_send_recv({P2POp{P2POp::Kind::recv, t, peer}}); }
   virtual void barrier() = 0;
+  // The group's shared host segments (made on the first call, which is collective), or nullptr when
+  // its ranks cannot share host memory: a group of one, ranks on more than one node, a back end
+  // without it, or MOE_COMM_SHM=0 on any rank. Owned by the communicator.
+  virtual SharedHostSegments* shared_host() { return nullptr; }
   // Ranks with equal color form a new group, ordered by key then by rank. Collective.
   virtual std::shared_ptr<Communicator> split(int color, int key, const std::string& name) = 0;
 };

@@ -33,10 +33,13 @@ using Shape = std::vector<int64_t>;
 std::string shape_str(const Shape& shape);  // "(4, 8)"
 int64_t shape_numel(const Shape& shape);
 
-// Owns one allocation; frees it through the backend that made it.
+// Owns one allocation; frees it through the backend that made it. An external storage (memory the
+// backend did not allocate, e.g. a host segment shared between processes) frees nothing: it keeps
+// `owner` alive instead, and the backend's memory counters never see it.
 class Storage {
  public:
   Storage(Device device, MemoryKind kind, size_t bytes);
+  Storage(Device device, void* ptr, size_t bytes, std::shared_ptr<const void> owner);
   ~Storage();
   Storage(const Storage&) = delete;
   Storage& operator=(const Storage&) = delete;
@@ -50,6 +53,7 @@ class Storage {
   MemoryKind kind_;
   size_t bytes_;
   void* ptr_ = nullptr;
+  std::shared_ptr<const void> owner_;  // external storage only: what keeps ptr_ valid
 };
 
 class Tensor {
@@ -60,6 +64,10 @@ class Tensor {
                       MemoryKind kind = MemoryKind::device);
   static Tensor zeros(const Shape& shape, DType dtype, Device device = Device::cpu(),
                       MemoryKind kind = MemoryKind::device);
+  // A tensor over memory the caller owns (`owner` keeps it valid while any view lives): numel
+  // elements of dtype at `data`, on `device`. Nothing is copied and nothing is freed.
+  static Tensor from_external(void* data, const Shape& shape, DType dtype, Device device,
+                              std::shared_ptr<const void> owner);
   // Copies `host` (numel elements of T) into a new tensor on `device`.
   template <class T>
   static Tensor from_vector(const std::vector<T>& host, const Shape& shape,

@@ -35,8 +35,13 @@ Storage::Storage(Device device, MemoryKind kind, size_t bytes) : device_(device)
   if (bytes_ > 0) ptr_ = get_backend(device_).allocate(bytes_, kind_);
 }
 
+Storage::Storage(Device device, void* ptr, size_t bytes, std::shared_ptr<const void> owner)
+    : device_(device), kind_(MemoryKind::device), bytes_(bytes), ptr_(ptr), owner_(std::move(owner)) {
+  MOE_CHECK(ptr_ || bytes_ == 0, "Storage: external memory of ", bytes_, " bytes at a null pointer");
+}
+
 Storage::~Storage() {
-  if (ptr_) get_backend(device_).deallocate(ptr_, bytes_, kind_);
+  if (ptr_ && !owner_) get_backend(device_).deallocate(ptr_, bytes_, kind_);
 }
 
 Tensor Tensor::empty(const Shape& shape, DType dtype, Device device, MemoryKind kind) {
@@ -45,6 +50,17 @@ Tensor Tensor::empty(const Shape& shape, DType dtype, Device device, MemoryKind 
   t.numel_ = shape_numel(shape);
   t.dtype_ = dtype;
   t.storage_ = std::make_shared<Storage>(device, kind, t.nbytes());
+  return t;
+}
+
+Tensor Tensor::from_external(void* data, const Shape& shape, DType dtype, Device device,
+                             std::shared_ptr<const void> owner) {
+  MOE_CHECK(owner != nullptr, "Tensor::from_external: no owner keeps the memory at ", data, " valid");
+  Tensor t;
+  t.shape_ = shape;
+  t.numel_ = shape_numel(shape);
+  t.dtype_ = dtype;
+  t.storage_ = std::make_shared<Storage>(device, data, t.nbytes(), std::move(owner));
   return t;
 }
 

@@ -1,12 +1,17 @@
 // The MPI communicator under mpiexec (np 2, 4, 8): every collective on seeded data that each rank
 // recomputes for every other rank, f32/f64/bf16/f16/i32/i64/u8, ranks with zero rows, large-ish
-// buffers, overlapping input/output, split ordering, argument errors before communication, and
-// (when a GPU is present) CUDA tensors staged through pinned host memory.
+// buffers, overlapping input/output, split ordering, argument errors before communication, shared
+// host segments (fences, growth, failure, MOE_COMM_SHM), and (when a GPU is present) CUDA tensors
+// staged through pinned host memory.
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <unistd.h>
 #include <numeric>
 
+#include "comm/shm_host.h"
 #include "common/test_util.h"
 #include "dist/dist_util.h"
 #include "moecore/backend.h"
@@ -316,6 +321,87 @@ TEST(MpiComm, BroadcastFromEveryRoot) {
 
 TEST(MpiComm, BarrierRepeated) {
   for (int i = 0; i < 20; ++i) world().barrier();
+}
+
+// Shared host segments (ranks on one node, as under mpiexec here): each rank fills its own segment
+// with seeded values, and after a fence every rank reads every segment; a fence orders a second
+// round written into the others' segments; growing keeps old views readable; a reserve that cannot
+// be had turns the segments off on every rank alike. On a group of its own, so the failure leaves
+// the world's segments alone.
+TEST(MpiComm, SharedHostSegmentsAcrossRanks) {
+  Communicator& w = world();
+  auto g = w.split(0, w.rank(), "shm_test");
+  const int n = g->size(), me = g->rank();
+  SharedHostSegments* shm = g->shared_host();
+  ASSERT_NE(shm, nullptr) << "every rank of this test runs on one node";
+  EXPECT_EQ(g->shared_host(), shm);  // made once
+  const int64_t R = 1000;  // i64 values per rank: 8000 bytes
+  ASSERT_TRUE(shm->reserve(R * 8));
+  EXPECT_GE(shm->bytes(), static_cast<size_t>(R * 8));
+  auto value = [](int writer, int owner, int64_t i, int round) {
+    return static_cast<int64_t>(round) * 1000000007 + writer * 100003 + owner * 1009 + i;
+  };
+  // Round 0: each rank writes its own segment.
+  Tensor mine = shm->segment(me, 0, {R}, DType::i64);
+  for (int64_t i = 0; i < R; ++i) mine.data_as<int64_t>()[i] = value(me, me, i, 0);
+  shm->fence();
+  for (int r = 0; r < n; ++r) {
+    std::vector<int64_t> got = shm->segment(r, 0, {R}, DType::i64).to_vector<int64_t>();
+    for (int64_t i = 0; i < R; ++i) ASSERT_EQ(got[static_cast<size_t>(i)], value(r, r, i, 0)) << "segment " << r;
+  }
+  Tensor old_view = shm->segment((me + 1) % n, 0, {R}, DType::i64);
+  // Round 1: each rank writes its slice of the next rank's segment (after a fence: all have read).
+  shm->fence();
+  const int next = (me + 1) % n, prev = (me + n - 1) % n;
+  Tensor slot = shm->segment(next, 0, {R}, DType::i64);
+  for (int64_t i = 0; i < R; ++i) slot.data_as<int64_t>()[i] = value(me, next, i, 1);
+  shm->fence();
+  std::vector<int64_t> got = shm->segment(me, 0, {R}, DType::i64).to_vector<int64_t>();
+  for (int64_t i = 0; i < R; ++i) ASSERT_EQ(got[static_cast<size_t>(i)], value(prev, me, i, 1));
+  // Growing maps new segments; the old view still reads what it held.
+  shm->fence();
+  const size_t before = shm->bytes();
+  ASSERT_TRUE(shm->reserve(before + 1));
+  EXPECT_GE(shm->bytes(), before + 1);
+  EXPECT_EQ(old_view.to_vector<int64_t>()[5], value(me, next, 5, 1));
+  Tensor grown = shm->segment(me, shm->bytes() - 8, {1}, DType::i64);
+  grown.data_as<int64_t>()[0] = me;
+  shm->fence();
+  for (int r = 0; r < n; ++r) EXPECT_EQ(shm->segment(r, shm->bytes() - 8, {1}, DType::i64).to_vector<int64_t>()[0], r);
+  // Past the end: an internal error, not a read out of bounds.
+  test::expect_error([&] { (void)shm->segment(me, shm->bytes() - 4, {1}, DType::i64); }, "reserve first");
+  // More than any /dev/shm holds (1 PiB): false on every rank, and off from then on.
+  shm->fence();
+  EXPECT_FALSE(shm->reserve(size_t{1} << 50));
+  EXPECT_FALSE(shm->reserve(8));
+  // Nothing of this process is left in /dev/shm: names go once mapped, and on failure.
+  const std::string prefix = "moecore." + std::to_string(getpid()) + ".";
+  if (std::filesystem::is_directory("/dev/shm")) {
+    for (const auto& f : std::filesystem::directory_iterator("/dev/shm")) {
+      EXPECT_NE(f.path().filename().string().rfind(prefix, 0), size_t{0}) << "left behind: " << f.path();
+    }
+  }
+  // A group of one has none.
+  EXPECT_EQ(make_single_communicator()->shared_host(), nullptr);
+}
+
+// MOE_COMM_SHM: 0 on one rank turns the segments off for the whole group (the ranks agree), and a
+// value other than 0 or 1 is refused by name.
+TEST(MpiComm, SharedHostSegmentsOffByEnv) {
+  Communicator& w = world();
+  ASSERT_EQ(unsetenv("MOE_COMM_SHM"), 0);
+  EXPECT_TRUE(comm::shm_enabled_by_env());
+  if (w.rank() == 0) {
+    ASSERT_EQ(setenv("MOE_COMM_SHM", "0", 1), 0);
+  }
+  auto g = w.split(0, w.rank(), "shm_off");
+  EXPECT_EQ(g->shared_host(), nullptr);
+  ASSERT_EQ(setenv("MOE_COMM_SHM", "yes", 1), 0);
+  test::expect_error([] { (void)comm::shm_enabled_by_env(); }, "MOE_COMM_SHM: expected 0 (off) or 1");
+  auto h = w.split(0, w.rank(), "shm_bad");
+  test::expect_error([&] { (void)h->shared_host(); }, "MOE_COMM_SHM");
+  ASSERT_EQ(unsetenv("MOE_COMM_SHM"), 0);
+  EXPECT_NE(h->shared_host(), nullptr);  // the refused call decided nothing
 }
 
 TEST(MpiComm, SplitOrdersByKeyThenRank) {

@@ -1,7 +1,10 @@
-// Core types: dtype round trips, tensor views and copies, allocator counters, error messages.
+// Core types: dtype round trips, tensor views and copies, tensors over external memory, allocator
+// counters, error messages.
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <memory>
+#include <vector>
 
 #include "common/test_util.h"
 #include "device/ops.h"
@@ -48,6 +51,32 @@ TEST(Tensor, ViewNarrowCopy) {
   EXPECT_THROW(t.view({5, 3}), Error);
   EXPECT_THROW(t.narrow(3, 2), Error);
   EXPECT_THROW(t.to_vector<double>(), Error);
+}
+
+// A tensor over memory the caller owns: views see and write that memory, nothing is copied, the
+// allocator neither counts nor frees it, and the owner lives as long as any view.
+TEST(Tensor, FromExternalKeepsItsOwnerAndFreesNothing) {
+  Backend& b = get_backend(Device::cpu());
+  const int64_t base = b.memory_stats().current_bytes;
+  auto owner = std::make_shared<std::vector<float>>(std::vector<float>{0, 1, 2, 3, 4, 5});
+  std::weak_ptr<std::vector<float>> alive = owner;
+  Tensor rows;
+  {
+    Tensor t = Tensor::from_external(owner->data(), {3, 2}, DType::f32, Device::cpu(), owner);
+    EXPECT_EQ(t.data(), owner->data());
+    EXPECT_EQ(b.memory_stats().current_bytes, base);
+    rows = t.narrow(1, 2);
+    rows.copy_from(Tensor::from_vector(std::vector<float>{7, 8, 9, 10}, {2, 2}));
+  }
+  owner.reset();
+  ASSERT_FALSE(alive.expired());  // the view keeps it
+  EXPECT_EQ(*alive.lock(), (std::vector<float>{0, 1, 7, 8, 9, 10}));
+  EXPECT_EQ(rows.to_vector<float>(), (std::vector<float>{7, 8, 9, 10}));
+  rows = Tensor();
+  EXPECT_TRUE(alive.expired());
+  EXPECT_EQ(b.memory_stats().current_bytes, base);
+  float x = 0;
+  EXPECT_THROW(Tensor::from_external(&x, {1}, DType::f32, Device::cpu(), nullptr), Error);
 }
 
 TEST(Allocator, CountsCurrentAndPeak) {

@@ -21,6 +21,7 @@
 #include <thread>
 
 #include "comm/comm_util.h"
+#include "comm/shm_host.h"
 #include "moecore/backend.h"
 #include "moecore/comm.h"
 #include "moecore/logging.h"
@@ -419,6 +420,30 @@ class MpiCommunicator final : public Communicator {
     ibarrier("barrier", "barrier");
   }
 
+  // Shared host segments when every member runs on this node (MPI's shared-memory split says so)
+  // and no member has MOE_COMM_SHM=0; decided once, by all members together.
+  SharedHostSegments* shared_host() override {
+    if (shm_checked_) return shm_.get();
+    const char* kOp = "shared_host";
+    usable(kOp);
+    const bool enabled = comm::shm_enabled_by_env();  // a bad value throws here, before communicating
+    shm_checked_ = true;
+    if (size_ == 1) return nullptr;
+    // MPI_Comm_split_type blocks without a timeout: meet in a timed barrier first.
+    ibarrier(kOp, "rendezvous");
+    MPI_Comm node = MPI_COMM_NULL;
+    check(MPI_Comm_split_type(comm_, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &node), kOp,
+          "MPI_Comm_split_type");
+    int node_size = 0;
+    const int rc = MPI_Comm_size(node, &node_size);
+    MPI_Comm_free(&node);
+    check(rc, kOp, "MPI_Comm_size");
+    Tensor ok = Tensor::from_vector(std::vector<int64_t>{enabled && node_size == size_ ? 1 : 0}, {1});  // (1) i64
+    all_reduce(ok, ReduceOp::min);
+    if (ok.to_vector<int64_t>()[0] == 1) shm_ = comm::make_posix_shared_host(*this);
+    return shm_.get();
+  }
+
   std::shared_ptr<Communicator> split(int color, int key, const std::string& name) override {
     const char* kOp = "split";
     usable(kOp);
@@ -637,6 +662,8 @@ class MpiCommunicator final : public Communicator {
   bool broken_ = false;
   std::string broken_reason_;
   std::vector<std::unique_ptr<Pending>> abandoned_;
+  bool shm_checked_ = false;                  // shared_host() has decided
+  std::unique_ptr<SharedHostSegments> shm_;  // its segments, when the members share a node
 };
 
 int env_int(const char* const* names, int fallback) {

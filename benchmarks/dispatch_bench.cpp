@@ -21,6 +21,10 @@
 // whose expert lives elsewhere sends its row there and back, and its prob there), and, for scale,
 // the bound of an algorithm that sends each token once per destination rank (rows there and back).
 //
+// Transport: on one node the dispatcher moves rows through the EP group's shared host segments (one
+// copy each way; docs/moe.md); MOE_COMM_SHM=0 makes it send messages, as across nodes. The table
+// says which ran.
+//
 // Prints a table and, last, `dispatch_ms=<d> alltoallv_ms=<r> ratio=<d/r> step_ratio=<median of
 // per-step ratios> bytes=<b> min_bytes=<m>`. --smoke: a tiny problem, 1 step.
 #include <mpi.h>
@@ -134,6 +138,8 @@ int run(int argc, char** argv) {
   const int64_t min_bytes = sum_over_ranks(remote_pairs * (2 * H * 4 + 4));
   const int64_t dedup_bytes = sum_over_ranks(remote_token_ranks * 2 * H * 4);
 
+  SharedHostSegments* shm = groups->ep().shared_host();
+  const bool shared = shm && shm->bytes() > 0;
   const double md = bench::median(t_disp) * 1e3, mr = bench::median(t_raw) * 1e3;
   const double step_ratio = ratios.empty() ? 0.0 : bench::median(ratios);
   if (rank == 0) {
@@ -142,6 +148,8 @@ int run(int argc, char** argv) {
     std::printf("config: alltoall EP=%d H=%lld E=%lld k=%lld T=%lld per rank, %lld steps\n", W,
                 static_cast<long long>(H), static_cast<long long>(E), static_cast<long long>(k),
                 static_cast<long long>(T), static_cast<long long>(iters));
+    std::printf("transport: %s\n",
+                shared ? "shared host segments (one node)" : "messages (MOE_COMM_SHM=0 or no shared segments)");
     std::printf("%-44s %14s\n", "metric", "value");
     std::printf("%-44s %14.3f\n", "dispatch + combine ms (slowest rank, median)", md);
     std::printf("%-44s %14.3f\n", "raw MPI_Alltoallv x2 ms (same token bytes)", mr);

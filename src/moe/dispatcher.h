@@ -110,6 +110,7 @@ class LocalDispatcher final : public TokenDispatcher {
 };
 
 class Communicator;
+class SharedHostSegments;
 
 // Allgather dispatcher (Megatron's MoEAllGatherTokenDispatcher), over the ETP×EP group:
 //   dispatch: all-gather x, probs, map over ETP×EP → keep the local experts' columns → permute
@@ -185,6 +186,12 @@ class AllToAllDispatcher final : public TokenDispatcher {
     std::vector<int64_t> sort_order;       // → [local expert][ETP rank]
     std::vector<int64_t> sorted_chunks;    // chunk sizes in [local expert][ETP rank] order
     std::vector<int64_t> unsort_order;     // back to [ETP rank][local expert]
+    // The exchange through shared host segments (ranks on one node, docs/moe.md): each EP rank's
+    // packed rows live in its own segment, read there by the experts' ranks on the way out and
+    // written there by them on the way back.
+    std::vector<int64_t> peer_offsets;     // (EP·G) row in EP rank j's packed rows where its rows for
+                                           // my local expert g start, at [j·G + g]
+    int64_t max_packed = 0;                // the most packed rows of any EP rank
   };
   // Token rows x (T, ...) → expert-major rows of the local experts (N_g, ...); expert rows → the
   // other EP ranks' rows back, packed (N_loc − own, ...), returned, and this rank's own rows where they
@@ -200,6 +207,13 @@ class AllToAllDispatcher final : public TokenDispatcher {
   // packed buffer (this rank's own rows are not moved either way).
   void exchange(const State& st, bool to_experts, const Tensor& in, Tensor& out, const Tensor* in_probs,
                 Tensor* out_probs);
+  // The EP group's shared host segments, reserved for this exchange's rows (row_bytes each) and
+  // probs (prob_bytes each) after a fence (every rank done with the previous exchange), or nullptr:
+  // the rows move by messages (tensors off the CPU, EP 1, no segments, or a reserve that failed).
+  // Collective over EP; every rank gets the same answer.
+  SharedHostSegments* shared_segments(const State& st, const Tensor& rows, size_t row_bytes, size_t prob_bytes);
+  // Where the probs start in a segment: after the most packed rows of any rank, 64-byte aligned.
+  static size_t probs_at(const State& st, size_t row_bytes);
   std::shared_ptr<Communicator> ep_, etp_, etp_ep_;
   std::vector<int> ep_rank_of_, etp_rank_of_;
   int64_t E_, G_;

@@ -20,6 +20,15 @@
 // them. Without ETP its output is the experts'
 // input. Every row lands where Megatron's all-to-all + sort_chunks_by_idxs puts it and every token
 // sums its copies in the same (expert) order, so results are the same bits.
+//
+// On one node (CPU tensors, the EP group has shared host segments) the packed rows live in each
+// rank's own segment instead of a send buffer: the permute writes them there and each expert rank
+// copies its chunks out; on the way back each expert rank writes rank j's rows into j's segment,
+// where j's unpermute reads them. One copy each way instead of two, the same rows in the same
+// places. Every rank knows every rank's packed layout from the count table (peer_offsets), and each
+// use of the segments is fenced before the writes (all reads of the last use are done) and after
+// them (the rows are there).
+#include <algorithm>
 #include <numeric>
 
 #include "core/sanitize.h"
@@ -31,6 +40,22 @@ namespace moe {
 
 namespace {
 int64_t sum(const std::vector<int64_t>& v) { return std::accumulate(v.begin(), v.end(), int64_t{0}); }
+Shape rows_shape(const Tensor& t, int64_t rows) {
+  Shape s = t.shape();
+  s[0] = rows;
+  return s;
+}
+// Calls f(j, c, n, at) for every chunk c = j·G + g between another EP rank j (≠ p) and my local
+// expert g that has rows: n = counts[c] rows, starting at row at = starts[c] of j's packed rows.
+template <class F>
+void for_each_peer_chunk(int P, int p, int64_t G, const std::vector<int64_t>& counts,
+                         const std::vector<int64_t>& starts, F&& f) {
+  for (int j = 0; j < P; ++j)
+    for (int64_t g = 0; g < G && j != p; ++g) {
+      const size_t c = static_cast<size_t>(j * G + g);
+      if (counts[c] > 0) f(j, c, counts[c], static_cast<size_t>(starts[c]));
+    }
+}
 }  // namespace
 
 AllToAllDispatcher::AllToAllDispatcher(std::shared_ptr<Communicator> ep, std::shared_ptr<Communicator> etp,
@@ -46,6 +71,20 @@ AllToAllDispatcher::AllToAllDispatcher(std::shared_ptr<Communicator> ep, std::sh
             "AllToAllDispatcher: rank tables must have one entry per ETP×EP member");
   MOE_CHECK(E_ % ep_->size() == 0, "AllToAllDispatcher: ", E_, " experts not divisible by EP ", ep_->size());
   G_ = E_ / ep_->size();
+}
+
+size_t AllToAllDispatcher::probs_at(const State& st, size_t row_bytes) {
+  return (static_cast<size_t>(st.max_packed) * row_bytes + 63) / 64 * 64;
+}
+
+SharedHostSegments* AllToAllDispatcher::shared_segments(const State& st, const Tensor& rows, size_t row_bytes,
+                                                        size_t prob_bytes) {
+  if (ep_->size() == 1 || !rows.device().is_cpu()) return nullptr;
+  SharedHostSegments* shm = ep_->shared_host();
+  if (!shm) return nullptr;
+  shm->fence();  // every rank is done with what the segments held (reads of the last exchange included)
+  if (!shm->reserve(probs_at(st, row_bytes) + static_cast<size_t>(st.max_packed) * prob_bytes)) return nullptr;
+  return shm;
 }
 
 void AllToAllDispatcher::exchange(const State& st, bool to_experts, const Tensor& in, Tensor& out,
@@ -92,24 +131,46 @@ Tensor AllToAllDispatcher::forward_path(const State& st, const Tensor& x, const 
   const int q = etp_->rank(), Q = etp_->size();
   // The rows for other EP ranks (packed, expert-major) and (N_recv, ·) in [local expert][EP source]
   // order, this rank's own rows permuted straight into it; without ETP, all the experts' rows.
-  Tensor send = rows_like(x, st.n_left + st.n_right), recv = rows_like(x, st.N_recv);
+  // With shared segments the send rows are permuted straight into this rank's segment, where the
+  // experts' ranks read them (one copy instead of a message's two).
+  const int p = ep_->rank();
+  const int64_t n_packed = st.n_left + st.n_right;
+  const size_t rb = static_cast<size_t>(row_bytes(x)), pb = probs ? dtype_size(probs->dtype()) : 0;
+  SharedHostSegments* shm = shared_segments(st, x, rb, pb);
+  Tensor send = shm ? shm->segment(p, 0, rows_shape(x, n_packed), x.dtype()) : rows_like(x, n_packed);
+  Tensor recv = rows_like(x, st.N_recv);
   Tensor send_probs, recv_probs;
   if (probs) {
-    send_probs = Tensor::empty({st.n_left + st.n_right}, probs->dtype(), x.device());
+    send_probs = shm ? shm->segment(p, probs_at(st, rb), {n_packed}, probs->dtype())
+                     : Tensor::empty({n_packed}, probs->dtype(), x.device());
     recv_probs = Tensor::empty({st.N_recv}, probs->dtype(), x.device());
   }
   // One pass over the tokens: row ids below n_left + n_right are send rows, the others this rank's
   // own rows at their place in recv (the combine's row map, read the other way).
-  ops::permute2(st.row_id_map, x, send, recv, st.N_local - st.n_left - st.n_right, probs,
-                probs ? &send_probs : nullptr, probs ? &recv_probs : nullptr);
-  exchange(st, true, send, recv, probs ? &send_probs : nullptr, probs ? &recv_probs : nullptr);
+  ops::permute2(st.row_id_map, x, send, recv, st.N_local - n_packed, probs, probs ? &send_probs : nullptr,
+                probs ? &recv_probs : nullptr);
+  if (shm) {
+    shm->fence();  // every rank's send rows are in its segment
+    const auto copy_out = [&](int j, size_t c, int64_t n, size_t at) {
+      recv.narrow(st.recv_offsets[c], n).copy_from(shm->segment(j, at * rb, rows_shape(x, n), x.dtype()));
+      if (probs)
+        recv_probs.narrow(st.recv_offsets[c], n)
+            .copy_from(shm->segment(j, probs_at(st, rb) + at * pb, {n}, probs->dtype()));
+    };
+    for_each_peer_chunk(ep_->size(), p, G_, st.recv_counts, st.peer_offsets, copy_out);
+    traffic_.bytes_sent += n_packed * static_cast<int64_t>(rb + pb);
+    traffic_.bytes_received += (st.N_recv - (st.N_local - n_packed)) * static_cast<int64_t>(rb + pb);
+    traffic_.calls += 1;
+  } else {
+    exchange(st, true, send, recv, probs ? &send_probs : nullptr, probs ? &recv_probs : nullptr);
+  }
   if (Q == 1) {
     if (out_probs) *out_probs = recv_probs;
     return recv;
   }
   // All-gather over ETP: (N_g, ·) in [ETP rank][local expert][EP source] order, then sorted to
   // [local expert][ETP rank][EP source].
-  const int64_t rb = row_bytes(x) + (probs ? row_bytes(recv_probs) : 0);
+  const int64_t rpb = static_cast<int64_t>(rb + pb);  // bytes per row with its prob
   Tensor gathered = rows_like(x, st.N_g);
   etp_->all_gather_v(recv, gathered, st.etp_rows);
   Tensor gathered_probs;
@@ -117,8 +178,8 @@ Tensor AllToAllDispatcher::forward_path(const State& st, const Tensor& x, const 
     gathered_probs = rows_like(recv_probs, st.N_g);
     etp_->all_gather_v(recv_probs, gathered_probs, st.etp_rows);
   }
-  traffic_.bytes_sent += st.N_recv * rb * (Q - 1);
-  traffic_.bytes_received += (st.N_g - st.etp_rows[static_cast<size_t>(q)]) * rb;
+  traffic_.bytes_sent += st.N_recv * rpb * (Q - 1);
+  traffic_.bytes_received += (st.N_g - st.etp_rows[static_cast<size_t>(q)]) * rpb;
   traffic_.calls += 1;
   Tensor sorted = rows_like(x, st.N_g);  // (N_g, ·) [local expert][source]
   if (probs) {
@@ -154,10 +215,34 @@ Tensor AllToAllDispatcher::reverse_path(const State& st, const Tensor& expert_ro
     traffic_.calls += 1;
   }
   // The other EP ranks' rows come back packed like the send buffer; this rank's own rows stay in
-  // `mine`, where the combine's row map points.
-  Tensor back = rows_like(expert_rows, st.n_left + st.n_right);  // (N_loc − own, ·) packed
-  if (expert_probs) *out_probs = rows_like(*expert_probs, st.n_left + st.n_right);
-  exchange(st, false, mine, back, expert_probs ? &mine_probs : nullptr, out_probs);
+  // `mine`, where the combine's row map points. With shared segments each rank writes the rows of
+  // the others straight into their segments, and the rows come back there, in place.
+  const int p = ep_->rank();
+  const int64_t n_packed = st.n_left + st.n_right;
+  const size_t rb = static_cast<size_t>(row_bytes(expert_rows));
+  const size_t pb = expert_probs ? dtype_size(expert_probs->dtype()) : 0;
+  Tensor back;  // (N_loc − own, ·) packed
+  if (SharedHostSegments* shm = shared_segments(st, expert_rows, rb, pb)) {
+    const auto write_back = [&](int j, size_t c, int64_t n, size_t at) {
+      Tensor dst = shm->segment(j, at * rb, rows_shape(expert_rows, n), expert_rows.dtype());
+      dst.copy_from(mine.narrow(st.recv_offsets[c], n));
+      if (expert_probs) {
+        Tensor dst_p = shm->segment(j, probs_at(st, rb) + at * pb, {n}, expert_probs->dtype());
+        dst_p.copy_from(mine_probs.narrow(st.recv_offsets[c], n));
+      }
+    };
+    for_each_peer_chunk(ep_->size(), p, G_, st.recv_counts, st.peer_offsets, write_back);
+    shm->fence();  // every rank's rows are back in its segment
+    back = shm->segment(p, 0, rows_shape(expert_rows, n_packed), expert_rows.dtype());
+    if (expert_probs) *out_probs = shm->segment(p, probs_at(st, rb), {n_packed}, expert_probs->dtype());
+    traffic_.bytes_sent += (st.N_recv - (st.N_local - n_packed)) * static_cast<int64_t>(rb + pb);
+    traffic_.bytes_received += n_packed * static_cast<int64_t>(rb + pb);
+    traffic_.calls += 1;
+  } else {
+    back = rows_like(expert_rows, n_packed);
+    if (expert_probs) *out_probs = rows_like(*expert_probs, n_packed);
+    exchange(st, false, mine, back, expert_probs ? &mine_probs : nullptr, out_probs);
+  }
   own = mine;
   if (own_probs) *own_probs = mine_probs;
   return back;
@@ -234,6 +319,21 @@ DispatchOutput AllToAllDispatcher::dispatch(const Tensor& x, const Tensor& probs
     }
   st.N_recv = sum(st.recv_counts);
   st.N_g = sum(st.etp_rows);
+  // Every EP rank's packed layout, for the exchange through shared segments: EP rank j (of my ETP
+  // rank) packs the experts outside its own block, expert-major.
+  st.peer_offsets.assign(static_cast<size_t>(P * G_), 0);
+  st.max_packed = 0;
+  for (int64_t m = 0; m < M; ++m) {
+    if (etp_rank_of_[static_cast<size_t>(m)] != q) continue;
+    const int64_t j = ep_rank_of_[static_cast<size_t>(m)];
+    int64_t row = 0;
+    for (int64_t e = 0; e < E_; ++e) {
+      if (e / G_ == j) continue;
+      if (e / G_ == p) st.peer_offsets[static_cast<size_t>(j * G_ + e % G_)] = row;
+      row += C[static_cast<size_t>(m * E_ + e)];
+    }
+    st.max_packed = std::max(st.max_packed, row);
+  }
   // The row map of the permute and of the combine (T, E) i32: route (t, e) → its row in [the packed rows of the other EP
   // ranks (n_left + n_right); this rank's (N_recv) rows in [local expert][EP source] order], where
   // the rows of my local expert g start at recv_offsets[p·G + g] (the expert's rows in token order,

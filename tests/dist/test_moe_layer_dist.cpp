@@ -7,10 +7,12 @@
 //   - capacity dropping (per rank, as Megatron drops locally) vs per-rank single-process runs;
 //   - the expert bias update uses counts over TP×DP×CP;
 //   - dispatchers moving tokens that carry their origin, checked by construction: zero-token
-//     ranks, all tokens to one rank's experts, and the round trip being the identity.
+//     ranks, all tokens to one rank's experts, and the round trip being the identity; on one node
+//     the all-to-all rows go through shared host segments (the _msg runs: MOE_COMM_SHM=0, messages).
 #include <gtest/gtest.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <numeric>
 
@@ -358,6 +360,18 @@ TEST(Dispatchers, TokensCarryTheirOriginAndRoundTrip) {
           EXPECT_TRUE(test::all_close(dx, twice, 1e-14, 1e-14)) << "dispatch_backward dx";
           EXPECT_TRUE(test::all_close(dprobs, mine.probs, 1e-14, 1e-14)) << "dispatch_backward dprobs";
           EXPECT_GT(d->traffic().calls, 0);
+          // With EP > 1 on one node the all-to-all rows went through the EP group's shared segments
+          // (unless MOE_COMM_SHM=0, the dist_moe_layer_msg runs).
+          if (disp == "alltoall" && P > 1) {
+            const char* shm_env = std::getenv("MOE_COMM_SHM");
+            SharedHostSegments* shm = groups->ep().shared_host();
+            if (shm_env && std::string(shm_env) == "0") {
+              EXPECT_EQ(shm, nullptr);
+            } else {
+              ASSERT_NE(shm, nullptr);
+              EXPECT_GT(shm->bytes(), 0u) << "the dispatcher never reserved the shared segments";
+            }
+          }
         }
       }
     }

@@ -8,7 +8,9 @@
 //   - the expert bias update uses counts over TP×DP×CP;
 //   - dispatchers moving tokens that carry their origin, checked by construction: zero-token
 //     ranks, all tokens to one rank's experts, and the round trip being the identity; on one node
-//     the all-to-all rows go through shared host segments (the _msg runs: MOE_COMM_SHM=0, messages).
+//     the all-to-all rows go through shared host segments (the _msg runs: MOE_COMM_SHM=0, messages);
+//   - the all-to-all layer gives the same bits through the segments, by messages and after a failed
+//     reserve (the fallback mid-run).
 #include <gtest/gtest.h>
 
 #include <cstdio>
@@ -157,6 +159,59 @@ TEST(MoELayerDist, LayoutGridMatchesSingleProcess) {
   }
   EXPECT_GT(checked, 0) << "no layout of the grid fits world size " << W;
   if (world.rank() == 0) std::printf("checked %d layout × dispatcher cases on %lld ranks\n", checked, (long long)W);
+}
+
+// The all-to-all layer at EP = world (with ETP 2 as well where it fits) gives the same bits through
+// the shared segments, by messages (MOE_COMM_SHM=0 when the groups are made), and after
+// a reserve that failed (the group falls back to messages mid-run): outputs, input grads, grads.
+TEST(MoELayerDist, AllToAllSameBitsThroughSegmentsMessagesAndAFailedReserve) {
+  const char* shm_env = std::getenv("MOE_COMM_SHM");
+  if (shm_env && std::string(shm_env) == "0") GTEST_SKIP() << "MOE_COMM_SHM=0: no segments to compare with";
+  Communicator& world = dist::world();
+  const int64_t W = world.size();
+  auto wptr = mpi_world();
+  for (const Layout& L : {Layout{1, 1, W, 1}, Layout{1, 1, W / 2, 2}}) {
+    if (L.ep < 2 || !fits(L, W)) continue;
+    SCOPED_TRACE(layout_name(L, "alltoall"));
+    MoEConfig cfg = layer_config(L, "alltoall");
+    const int64_t S = 8, B = 2 * W, H = cfg.hidden_size;  // DP = W (TP = CP = 1)
+    Tensor x = test::randn({S, B, H}, DType::f64, 111);
+    Tensor g = test::randn({S, B, H}, DType::f64, 112);
+    std::vector<std::vector<Tensor>> runs;  // per mode: out, dx, then every trainable grad
+    for (const std::string mode : {"segments", "messages", "failed reserve"}) {
+      if (mode == "messages") {
+        ASSERT_EQ(setenv("MOE_COMM_SHM", "0", 1), 0);
+      }
+      auto groups = ProcessGroups::build(wptr, parallel_sizes_from_config(cfg, W));
+      SharedHostSegments* shm = groups->ep().shared_host();
+      ASSERT_EQ(unsetenv("MOE_COMM_SHM"), 0);
+      if (mode == "messages") {
+        EXPECT_EQ(shm, nullptr);
+      } else {
+        ASSERT_NE(shm, nullptr);
+      }
+      if (mode == "failed reserve") {
+        EXPECT_FALSE(shm->reserve(size_t{1} << 50));
+      }
+      TokenShard sh = token_shard(*groups, S, B);
+      MoELayer layer(cfg, Device::cpu(), groups);
+      ForwardContext ctx;
+      std::vector<Tensor> r;
+      r.push_back(layer.forward(take_tokens(x, sh), ctx));
+      r.push_back(layer.backward(take_tokens(g, sh)));
+      for (Parameter* p : layer.parameters())
+        if (p->trainable) r.push_back(p->grad.clone());
+      if (mode == "segments") {
+        EXPECT_GT(shm->bytes(), 0u);
+      }
+      runs.push_back(std::move(r));
+    }
+    for (size_t m = 1; m < runs.size(); ++m) {
+      ASSERT_EQ(runs[m].size(), runs[0].size());
+      for (size_t i = 0; i < runs[0].size(); ++i)
+        EXPECT_TRUE(test::bit_equal(runs[m][i], runs[0][i])) << "mode " << m << ", tensor " << i;
+    }
+  }
 }
 
 // Capacity drops happen per rank on the rank's own tokens (as in Megatron); the layer across ranks

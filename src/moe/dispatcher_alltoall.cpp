@@ -137,11 +137,12 @@ Tensor AllToAllDispatcher::forward_path(const State& st, const Tensor& x, const 
   const int64_t n_packed = st.n_left + st.n_right;
   const size_t rb = static_cast<size_t>(row_bytes(x)), pb = probs ? dtype_size(probs->dtype()) : 0;
   SharedHostSegments* shm = shared_segments(st, x, rb, pb);
+  const size_t p_at = probs_at(st, rb);  // where the probs start in a segment
   Tensor send = shm ? shm->segment(p, 0, rows_shape(x, n_packed), x.dtype()) : rows_like(x, n_packed);
   Tensor recv = rows_like(x, st.N_recv);
   Tensor send_probs, recv_probs;
   if (probs) {
-    send_probs = shm ? shm->segment(p, probs_at(st, rb), {n_packed}, probs->dtype())
+    send_probs = shm ? shm->segment(p, p_at, {n_packed}, probs->dtype())
                      : Tensor::empty({n_packed}, probs->dtype(), x.device());
     recv_probs = Tensor::empty({st.N_recv}, probs->dtype(), x.device());
   }
@@ -155,7 +156,7 @@ Tensor AllToAllDispatcher::forward_path(const State& st, const Tensor& x, const 
       recv.narrow(st.recv_offsets[c], n).copy_from(shm->segment(j, at * rb, rows_shape(x, n), x.dtype()));
       if (probs)
         recv_probs.narrow(st.recv_offsets[c], n)
-            .copy_from(shm->segment(j, probs_at(st, rb) + at * pb, {n}, probs->dtype()));
+            .copy_from(shm->segment(j, p_at + at * pb, {n}, probs->dtype()));
     };
     for_each_peer_chunk(ep_->size(), p, G_, st.recv_counts, st.peer_offsets, copy_out);
     traffic_.bytes_sent += n_packed * static_cast<int64_t>(rb + pb);
@@ -196,8 +197,10 @@ Tensor AllToAllDispatcher::reverse_path(const State& st, const Tensor& expert_ro
   const int q = etp_->rank(), Q = etp_->size();
   Tensor mine = expert_rows;  // (N_recv, ·) [local expert][EP source], summed over ETP
   Tensor mine_probs = expert_probs ? *expert_probs : Tensor{};
+  const size_t rb = static_cast<size_t>(row_bytes(expert_rows));
+  const size_t pb = expert_probs ? dtype_size(expert_probs->dtype()) : 0;
   if (Q > 1) {
-    const int64_t rb = row_bytes(expert_rows) + (expert_probs ? row_bytes(*expert_probs) : 0);
+    const int64_t rpb = static_cast<int64_t>(rb + pb);  // bytes per row with its prob
     Tensor unsorted = rows_like(expert_rows, st.N_g);  // (N_g, ·) [ETP rank][local expert][EP source]
     Tensor unsorted_probs = expert_probs ? rows_like(*expert_probs, st.N_g) : Tensor{};
     if (expert_probs)
@@ -210,8 +213,8 @@ Tensor AllToAllDispatcher::reverse_path(const State& st, const Tensor& expert_ro
       mine_probs = rows_like(*expert_probs, st.N_recv);
       etp_->reduce_scatter_v(unsorted_probs, mine_probs, st.etp_rows);
     }
-    traffic_.bytes_sent += (st.N_g - st.etp_rows[static_cast<size_t>(q)]) * rb;
-    traffic_.bytes_received += st.N_recv * rb * (Q - 1);
+    traffic_.bytes_sent += (st.N_g - st.etp_rows[static_cast<size_t>(q)]) * rpb;
+    traffic_.bytes_received += st.N_recv * rpb * (Q - 1);
     traffic_.calls += 1;
   }
   // The other EP ranks' rows come back packed like the send buffer; this rank's own rows stay in
@@ -219,22 +222,21 @@ Tensor AllToAllDispatcher::reverse_path(const State& st, const Tensor& expert_ro
   // the others straight into their segments, and the rows come back there, in place.
   const int p = ep_->rank();
   const int64_t n_packed = st.n_left + st.n_right;
-  const size_t rb = static_cast<size_t>(row_bytes(expert_rows));
-  const size_t pb = expert_probs ? dtype_size(expert_probs->dtype()) : 0;
+  const size_t p_at = probs_at(st, rb);  // where the probs start in a segment
   Tensor back;  // (N_loc − own, ·) packed
   if (SharedHostSegments* shm = shared_segments(st, expert_rows, rb, pb)) {
     const auto write_back = [&](int j, size_t c, int64_t n, size_t at) {
       Tensor dst = shm->segment(j, at * rb, rows_shape(expert_rows, n), expert_rows.dtype());
       dst.copy_from(mine.narrow(st.recv_offsets[c], n));
       if (expert_probs) {
-        Tensor dst_p = shm->segment(j, probs_at(st, rb) + at * pb, {n}, expert_probs->dtype());
+        Tensor dst_p = shm->segment(j, p_at + at * pb, {n}, expert_probs->dtype());
         dst_p.copy_from(mine_probs.narrow(st.recv_offsets[c], n));
       }
     };
     for_each_peer_chunk(ep_->size(), p, G_, st.recv_counts, st.peer_offsets, write_back);
     shm->fence();  // every rank's rows are back in its segment
     back = shm->segment(p, 0, rows_shape(expert_rows, n_packed), expert_rows.dtype());
-    if (expert_probs) *out_probs = shm->segment(p, probs_at(st, rb), {n_packed}, expert_probs->dtype());
+    if (expert_probs) *out_probs = shm->segment(p, p_at, {n_packed}, expert_probs->dtype());
     traffic_.bytes_sent += (st.N_recv - (st.N_local - n_packed)) * static_cast<int64_t>(rb + pb);
     traffic_.bytes_received += n_packed * static_cast<int64_t>(rb + pb);
     traffic_.calls += 1;

@@ -125,6 +125,30 @@ Tensor cpu_row_id_map(const std::vector<uint8_t>& m, int64_t T, int64_t E) {
   return rid;
 }
 
+// A seeded permute problem on the CPU: about two routes per token with expert 4 routing nothing
+// (token 5 routing nothing too when `unrouted_token5` and T > 5), its row map and N routed pairs,
+// tokens (T, H), probs (T, E), expert rows (N, H) and row weights (N). Draws its seeds from `seed`.
+struct PermuteCase {
+  Tensor rid;  // (T, E) i32
+  int64_t N = 0;
+  DType pdt = DType::f32;
+  Tensor in, probs, rows, w;
+};
+PermuteCase permute_case(int64_t T, int64_t E, int64_t H, DType dt, bool unrouted_token5, uint64_t& seed) {
+  std::vector<uint8_t> m = random_map(T, E, 2, 4, ++seed);
+  if (unrouted_token5 && T > 5)
+    for (int64_t e = 0; e < E; ++e) m[static_cast<size_t>(5 * E + e)] = 0;
+  PermuteCase c;
+  c.rid = cpu_row_id_map(m, T, E);
+  for (uint8_t v : m) c.N += v;
+  c.pdt = ops::prob_dtype_for(dt);
+  c.in = test::randn({T, H}, dt, ++seed);
+  c.probs = test::uniform({T, E}, c.pdt, ++seed, 0.0, 1.0);
+  c.rows = test::randn({c.N, H}, dt, ++seed);
+  c.w = test::uniform({c.N}, c.pdt, ++seed, 0.1, 2.0);
+  return c;
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -395,17 +419,11 @@ TEST(CudaOps, PermuteUnpermuteAndScatter) {
       for (int64_t T : {int64_t{0}, int64_t{45}}) {
         const int64_t E = 6;
         SCOPED_TRACE(std::string(dtype_name(dt)) + " H=" + std::to_string(H) + " T=" + std::to_string(T));
-        std::vector<uint8_t> m = random_map(T, E, 2, 4, ++seed);  // expert 4 gets no tokens
-        if (T > 5)
-          for (int64_t e = 0; e < E; ++e) m[static_cast<size_t>(5 * E + e)] = 0;  // token 5 goes nowhere
-        Tensor rid = cpu_row_id_map(m, T, E);
-        int64_t N = 0;
-        for (uint8_t v : m) N += v;
-        const DType pdt = ops::prob_dtype_for(dt);
-        Tensor in = test::randn({T, H}, dt, ++seed);
-        Tensor probs = test::uniform({T, E}, pdt, ++seed, 0.0, 1.0);
-        Tensor rows = test::randn({N, H}, dt, ++seed);
-        Tensor w = test::uniform({N}, pdt, ++seed, 0.1, 2.0);
+        // Expert 4 gets no tokens, token 5 goes nowhere.
+        const PermuteCase pc = permute_case(T, E, H, dt, /*unrouted_token5=*/true, seed);
+        const Tensor &rid = pc.rid, &in = pc.in, &probs = pc.probs, &rows = pc.rows, &w = pc.w;
+        const int64_t N = pc.N;
+        const DType pdt = pc.pdt;
         auto run = [&](Device d) {
           Tensor r = put(rid, d);
           Tensor out = Tensor::empty({N, H}, dt, d), out_probs = Tensor::empty({N}, pdt, d);
@@ -469,15 +487,10 @@ TEST(CudaOps, TwoBufferPermuteAndUnpermute) {
   for (DType dt : {DType::f32, DType::bf16, DType::f64})
     for (int64_t H : {int64_t{7}, int64_t{64}}) {
       const int64_t T = 45, E = 6, extra = 2;
-      std::vector<uint8_t> m = random_map(T, E, 2, 4, ++seed);
-      Tensor rid = cpu_row_id_map(m, T, E);
-      int64_t N = 0;
-      for (uint8_t v : m) N += v;
-      const DType pdt = ops::prob_dtype_for(dt);
-      Tensor in = test::randn({T, H}, dt, ++seed);
-      Tensor probs = test::uniform({T, E}, pdt, ++seed, 0.0, 1.0);
-      Tensor rows = test::randn({N, H}, dt, ++seed);
-      Tensor w = test::uniform({N}, pdt, ++seed, 0.1, 2.0);
+      const PermuteCase pc = permute_case(T, E, H, dt, /*unrouted_token5=*/false, seed);
+      const Tensor &rid = pc.rid, &in = pc.in, &probs = pc.probs, &rows = pc.rows, &w = pc.w;
+      const int64_t N = pc.N;
+      const DType pdt = pc.pdt;
       // CPU references: the one-buffer ops.
       Tensor ref_out = Tensor::empty({N, H}, dt), ref_p = Tensor::empty({N}, pdt);
       ops::permute(rid, in, ref_out, &probs, &ref_p);
